@@ -4,6 +4,7 @@ A pure library: it takes bytes or binary streams and returns values. See
 docs in the README and ../shared/docs/ltx-format.md for the format itself.
 """
 
+from ltx.apply import apply_ltx, database_page_size
 from ltx.checksum import (
     CHECKSUM_FLAG,
     EMPTY_DB_CHECKSUM,
@@ -71,9 +72,11 @@ __all__ = [
     "TrailerError",
     "TruncatedError",
     "Version",
+    "apply_ltx",
     "checksum_file",
     "crc64",
     "database_checksum",
+    "database_page_size",
     "detect_versions",
     "format_filename",
     "format_txid",
