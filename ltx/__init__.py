@@ -14,6 +14,7 @@ from ltx.checksum import (
     lock_pgno,
     page_checksum,
 )
+from ltx.compactor import compact
 from ltx.decoder import (
     Decoder,
     IndexEntry,
@@ -74,6 +75,7 @@ __all__ = [
     "Version",
     "apply_ltx",
     "checksum_file",
+    "compact",
     "crc64",
     "database_checksum",
     "database_page_size",
