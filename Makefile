@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_MODE ?= quick
 # Type-check the packages that exist (ltx/ and sidecar/ land in separate steps).
-MYPY_TARGETS := $(wildcard ltx sidecar)
+MYPY_TARGETS := $(wildcard ltx sidecar bench)
 
 .PHONY: test lint bench redis install clean distclean
 
