@@ -110,4 +110,9 @@ def _predict(
         acc ^= page_checksum(pgno, db.read(page_size))
     for value in changed.values():
         acc ^= value
+    # Growth past pages the file leaves out: the gap reads back as zero pages.
+    zeros = b"\x00" * page_size
+    for pgno in range(old_pages + 1, commit + 1):
+        if pgno not in changed and pgno != lock:
+            acc ^= page_checksum(pgno, zeros)
     return CHECKSUM_FLAG | acc
