@@ -1,0 +1,94 @@
+"""Small, careful file operations: atomic replacement and durable removal.
+
+A file written with :func:`atomic_write` is either absent or complete at its
+final path, never half written: the bytes go to a temporary file in the same
+directory, which is flushed, fsynced and renamed over the target, and then the
+directory itself is fsynced so the rename survives a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+def current_umask() -> int:
+    """The process umask.
+
+    Linux reports it in /proc/self/status; elsewhere it can only be read by
+    setting it, which is set straight back (a brief race with other threads).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that creations, renames and removals in it are durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[BinaryIO]:
+    """Yield a binary file whose contents replace ``path`` atomically on success.
+
+    ``mode`` is the permission of the new file. By default an existing file's
+    permissions are kept, and a new file gets ``0o666`` less the umask, as
+    ``open()`` would give it. If the block raises, the temporary file is
+    removed and ``path`` is left as it was.
+    """
+    target = Path(path)
+    directory = target.parent
+    if mode is None:
+        try:
+            mode = target.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o666 & ~current_umask()
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.tmp-")
+    except OSError as exc:  # name the file the caller asked for, not the temporary
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(directory)
+
+
+def remove_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Remove each existing path and fsync the directories touched; return those removed."""
+    removed: list[Path] = []
+    for p in map(Path, paths):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(p)
+    for directory in {p.parent for p in removed}:
+        fsync_dir(directory)
+    return removed
+
+
+__all__ = ["atomic_write", "current_umask", "fsync_dir", "remove_files"]
