@@ -130,6 +130,9 @@ class Encoder:
                     field="commit",
                 )
         post = self._post_apply(post_apply_checksum)
+        # Check the post-apply value before writing anything, so a refused value does
+        # not leave a half-written end (the file checksum is not known yet: use the flag).
+        Trailer(post, CHECKSUM_FLAG).validate(header)
         if self.version is Version.V3:
             tail = b"\x00" * 6 + encode_index(self._index)
             self._write(tail)

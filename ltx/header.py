@@ -217,13 +217,17 @@ def format_txid(txid: int) -> str:
     return f"{txid:016x}"
 
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def parse_txid(text: str) -> int:
     if len(text) != 16:
         raise LTXError(f"invalid TXID {text!r}: want 16 hex digits", field="txid")
-    try:
-        return int(text, 16)
-    except ValueError:
-        raise LTXError(f"invalid TXID {text!r}: not hexadecimal", field="txid") from None
+    # Only hex digits, as Go's ParseUint(s, 16, 64): int() also takes a sign, a 0x
+    # prefix, underscores, surrounding whitespace and non-ASCII digits.
+    if not _HEX_DIGITS.issuperset(text):
+        raise LTXError(f"invalid TXID {text!r}: not hexadecimal", field="txid")
+    return int(text, 16)
 
 
 def format_checksum(value: int) -> str:
@@ -260,7 +264,7 @@ def format_filename(min_txid: int, max_txid: int) -> str:
 
 def parse_filename(name: str) -> tuple[int, int]:
     """(min_txid, max_txid) from a file name such as 0000000000000001-0000000000000003.ltx."""
-    match = _FILENAME.match(name)
+    match = _FILENAME.fullmatch(name)  # match() would let "$" accept a trailing newline
     if match is None:
         raise LTXError(f"invalid LTX file name {name!r}", field="filename")
     return int(match.group(1), 16), int(match.group(2), 16)
