@@ -1,0 +1,632 @@
+# Settings are dataclass fields made by setting()/section(), wrappers of dataclasses.field.
+# ruff: noqa: RUF009
+"""The daemon's configuration: one TOML file, environment overrides, one frozen Config.
+
+Each setting is declared once, as a field of a frozen section dataclass made
+with :func:`setting`: its kind (how it is parsed, checked and rendered), its
+default, a one-line doc, and whether it is secret. Its TOML key is the field
+name in kebab-case inside its section's table, and its environment variable is
+``LTX_SIDECAR_<SECTION>_<KEY>`` (``LTX_SIDECAR_CHECKPOINT_PASSIVE_FRAMES``;
+top-level keys have no section: ``LTX_SIDECAR_DATA_DIR``). The environment wins
+over the file, because what differs per machine (node id, data directory) is
+easiest to set there. A new section is a new dataclass and one field of
+Config; loading, validation, environment names and rendering follow.
+
+Unknown keys, unknown ``LTX_SIDECAR_*`` variables (a typo must not silently do
+nothing) and bad values are rejected with :class:`ConfigError`, naming the key
+and the reason: ``checkpoint.passive-frames: must be a positive integer, got -3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import socket
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T")
+C = TypeVar("C", bound="DataclassInstance")
+
+ENV_PREFIX = "LTX_SIDECAR_"
+# LTX_SIDECAR_* variables that are not settings (the config file's own location).
+ENV_NOT_SETTINGS = frozenset({"LTX_SIDECAR_CONFIG"})
+
+_SPEC = "sidecar.config.spec"
+_SECTION = "sidecar.config.section"
+
+
+class ConfigError(ValueError):
+    """A configuration the daemon must not start with; ``key`` names what is wrong."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{key}: {reason}")
+
+
+class DatabaseNameError(ValueError):
+    """A database name that is unsafe as a directory name under ``<data-dir>/dbs``."""
+
+
+def validate_db_name(name: str) -> str:
+    """Return ``name`` if it is safe as one directory name, else raise DatabaseNameError.
+
+    Names come from file names here and from the network in replication, so
+    they must never escape ``dbs/``: not empty, no path separator or NUL, no
+    leading dot (hides files and excludes ``.`` and ``..``), at most 255 bytes.
+    """
+    if not name:
+        raise DatabaseNameError("database name is empty")
+    if "/" in name or "\\" in name or "\x00" in name:
+        raise DatabaseNameError(f"database name {name!r} contains a path separator or NUL")
+    if name.startswith("."):
+        raise DatabaseNameError(f"database name {name!r} starts with a dot")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise DatabaseNameError(f"database name {name[:32]!r}... is longer than 255 bytes")
+    return name
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+EMPTY_DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def looks_like_sqlite(path: Path) -> bool:
+    """Whether a file in a watched directory counts as a SQLite database.
+
+    Yes when its first 16 bytes are the SQLite magic, or when it is empty and
+    named ``*.db``, ``*.sqlite`` or ``*.sqlite3`` (an app that just created it).
+    This opens the file with a plain descriptor: call it only for files this
+    process has not opened with SQLite, since closing any descriptor drops the
+    process's POSIX locks on that file (DESIGN.md).
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if st.st_size == 0:
+            return path.name.endswith(EMPTY_DB_SUFFIXES)
+        with open(path, "rb") as f:
+            return f.read(16) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+# -- kinds of values -------------------------------------------------------------------
+
+
+class _Bad(ValueError):
+    """A value a kind rejects; the loader adds the key."""
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _toml_str(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+class Kind(Generic[T]):
+    """How one type of setting is parsed from TOML and from the environment, and rendered."""
+
+    what = "a value"
+
+    def from_toml(self, value: object) -> T:
+        raise NotImplementedError
+
+    def from_env(self, text: str) -> T:
+        return self.from_toml(text)
+
+    def to_toml(self, value: T) -> str:
+        raise NotImplementedError
+
+    def bad(self, value: object) -> _Bad:
+        return _Bad(f"must be {self.what}, got {_show(value)}")
+
+
+class Str(Kind[str]):
+    def __init__(self, pattern: str | None = None, what: str = "a non-empty string") -> None:
+        self.pattern = re.compile(pattern) if pattern else None
+        self.what = what
+
+    def from_toml(self, value: object) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.bad(value)
+        if self.pattern is not None and not self.pattern.fullmatch(value):
+            raise self.bad(value)
+        return value
+
+    def to_toml(self, value: str) -> str:
+        return _toml_str(value)
+
+
+class Int(Kind[int]):
+    def __init__(self, minimum: int) -> None:
+        self.minimum = minimum
+        names = {0: "a non-negative integer", 1: "a positive integer"}
+        self.what = names.get(minimum, f"an integer >= {minimum}")
+
+    def from_toml(self, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < self.minimum:
+            raise self.bad(value)
+        return value
+
+    def from_env(self, text: str) -> int:
+        try:
+            return self.from_toml(int(text.strip()))
+        except ValueError:
+            raise self.bad(text) from None
+
+    def to_toml(self, value: int) -> str:
+        return str(value)
+
+
+class Float(Kind[float]):
+    def __init__(self, minimum: float = -math.inf) -> None:
+        self.minimum = minimum
+        self.what = "a number" if minimum == -math.inf else f"a number >= {minimum:g}"
+
+    def from_toml(self, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.bad(value)
+        if not math.isfinite(value) or value < self.minimum:
+            raise self.bad(value)
+        return float(value)
+
+    def from_env(self, text: str) -> float:
+        try:
+            return self.from_toml(float(text.strip()))
+        except ValueError:
+            raise self.bad(text) from None
+
+    def to_toml(self, value: float) -> str:
+        return repr(float(value))
+
+
+class Bool(Kind[bool]):
+    what = "true or false"
+    _WORDS: ClassVar[dict[str, bool]] = {"1": True, "true": True, "yes": True, "on": True}
+    _WORDS |= {"0": False, "false": False, "no": False, "off": False}
+
+    def from_toml(self, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.bad(value)
+        return value
+
+    def from_env(self, text: str) -> bool:
+        try:
+            return self._WORDS[text.strip().lower()]
+        except KeyError:
+            raise self.bad(text) from None
+
+    def to_toml(self, value: bool) -> str:
+        return "true" if value else "false"
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|ms|s|m|h)?\s*")
+_UNIT_US = {"us": 1, "ms": 1000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000}
+_US = timedelta(microseconds=1)
+
+
+class Duration(Kind[timedelta]):
+    """A number of seconds, or a string such as "500ms", "5s", "10m", "1h" (also "us").
+
+    Parsed exactly (decimal arithmetic) to whole microseconds, timedelta's
+    resolution, so rendering and parsing again gives the same value.
+    """
+
+    def __init__(self, positive: bool) -> None:
+        self.positive = positive
+        kind = "a positive" if positive else "a non-negative"
+        self.what = f'{kind} duration such as "500ms", "5s", "10m" or a number of seconds'
+
+    def from_toml(self, value: object) -> timedelta:
+        if isinstance(value, bool):
+            raise self.bad(value)
+        if isinstance(value, str):
+            match = _DURATION.fullmatch(value)
+            if match is None:
+                raise self.bad(value)
+            us = Decimal(match.group(1)) * _UNIT_US[match.group(2) or "s"]
+        elif isinstance(value, int | float) and math.isfinite(value):
+            us = Decimal(repr(value)) * _UNIT_US["s"]
+        else:
+            raise self.bad(value)
+        micros = int(us.to_integral_value())
+        if micros < 0 or (self.positive and micros == 0):
+            raise self.bad(value)  # negative, zero, or below a microsecond
+        try:
+            return timedelta(microseconds=micros)
+        except OverflowError:
+            raise self.bad(value) from None
+
+    def to_toml(self, value: timedelta) -> str:
+        us = value // _US
+        for unit, size in (("h", 3_600_000_000), ("m", 60_000_000), ("s", 1_000_000)):
+            if us % size == 0:
+                return f'"{us // size}{unit}"'
+        return f'"{us // 1000}ms"' if us % 1000 == 0 else f'"{us}us"'
+
+
+class PathKind(Kind[Path]):
+    what = "a non-empty path"
+
+    def from_toml(self, value: object) -> Path:
+        if not isinstance(value, str) or not value or "\x00" in value:
+            raise self.bad(value)
+        return Path(value).expanduser()
+
+    def to_toml(self, value: Path) -> str:
+        return _toml_str(str(value))
+
+
+class PathList(Kind[tuple[Path, ...]]):
+    """A TOML array of paths; in the environment, separated by commas or os.pathsep."""
+
+    what = "a list of non-empty paths"
+    _item = PathKind()
+
+    def from_toml(self, value: object) -> tuple[Path, ...]:
+        if not isinstance(value, list | tuple):
+            raise self.bad(value)
+        try:
+            return tuple(self._item.from_toml(v) for v in value)
+        except _Bad:
+            raise self.bad(value) from None
+
+    def from_env(self, text: str) -> tuple[Path, ...]:
+        items = re.split(f"[,{re.escape(os.pathsep)}]", text)
+        return self.from_toml([item.strip() for item in items if item.strip()])
+
+    def to_toml(self, value: tuple[Path, ...]) -> str:
+        return "[" + ", ".join(self._item.to_toml(p) for p in value) + "]"
+
+
+# -- declaring settings ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: Kind[Any]
+    default: object  # as written in TOML; unused when default_from is set
+    doc: str
+    secret: bool = False
+    default_from: Callable[[Mapping[str, str]], object] | None = None
+
+
+def setting(
+    kind: Kind[T],
+    default: object,
+    doc: str,
+    *,
+    secret: bool = False,
+    default_from: Callable[[Mapping[str, str]], object] | None = None,
+) -> T:
+    """A dataclass field for one setting (typed as its value, as dataclasses.field is)."""
+    spec = Spec(kind, default, doc, secret, default_from)
+    if default_from is not None:
+        return field(
+            default_factory=lambda: kind.from_toml(default_from(os.environ)),
+            metadata={_SPEC: spec},
+        )
+    return field(default=kind.from_toml(default), metadata={_SPEC: spec})
+
+
+def section(cls: type[C], doc: str) -> C:
+    """A dataclass field holding one TOML table of settings."""
+    return field(default_factory=cls, metadata={_SECTION: (cls, doc)})
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting as the schema sees it."""
+
+    section: str  # the table's name, "" at the top level
+    attr: str
+    spec: Spec
+
+    @property
+    def name(self) -> str:
+        return self.attr.replace("_", "-")
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}" if self.section else self.name
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dotted.replace(".", "_").replace("-", "_").upper()
+
+
+class Schema(Generic[C]):
+    """Load, check and render one root settings dataclass and its sections."""
+
+    def __init__(self, root: type[C]) -> None:
+        self.root = root
+        self.sections: dict[str, tuple[str, type[Any], str]] = {}  # name -> (attr, cls, doc)
+        self.keys: list[Key] = []
+        for f in dataclasses.fields(root):
+            if _SECTION in f.metadata:
+                cls, doc = f.metadata[_SECTION]
+                self.sections[f.name.replace("_", "-")] = (f.name, cls, doc)
+                self.keys += [
+                    Key(f.name.replace("_", "-"), sf.name, sf.metadata[_SPEC])
+                    for sf in dataclasses.fields(cls)
+                ]
+            else:
+                self.keys.append(Key("", f.name, f.metadata[_SPEC]))
+        self._by_dotted = {k.dotted: k for k in self.keys}
+        self._by_env = {k.env: k for k in self.keys}
+
+    def _unknown(self, key: str, choices: list[str], what: str) -> ConfigError:
+        leaf = key.rpartition(".")[2]
+        moved = [f"[{k.section}] {k.name}" for k in self.keys if k.name == leaf and k.dotted != key]
+        close = moved or difflib.get_close_matches(key, choices, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return ConfigError(key, f"unknown {what}{hint}")
+
+    def load(self, raw: Mapping[str, object], env: Mapping[str, str]) -> C:
+        """A root instance from parsed TOML and the environment (which wins)."""
+        values: dict[str, dict[str, object]] = {name: {} for name in ["", *self.sections]}
+        for name, value in raw.items():
+            if name in self.sections:
+                if not isinstance(value, dict):
+                    raise ConfigError(name, f"must be a table, got {_show(value)}")
+                items = [(f"{name}.{k}", v) for k, v in value.items()]
+            elif isinstance(value, dict) and name not in self._by_dotted:
+                raise self._unknown(name, list(self.sections), "section")
+            else:
+                items = [(name, value)]
+            for dotted, v in items:
+                key = self._by_dotted.get(dotted)
+                if key is None:
+                    raise self._unknown(dotted, [*self._by_dotted, *self.sections], "key")
+                try:
+                    values[key.section][key.attr] = key.spec.kind.from_toml(v)
+                except _Bad as exc:
+                    raise ConfigError(dotted, str(exc)) from None
+        for var, text in env.items():
+            if not var.startswith(ENV_PREFIX) or var in ENV_NOT_SETTINGS:
+                continue
+            key = self._by_env.get(var)
+            if key is None:
+                raise self._unknown(var, list(self._by_env), "environment variable")
+            try:
+                values[key.section][key.attr] = key.spec.kind.from_env(text)
+            except _Bad as exc:
+                raise ConfigError(f"{var} ({key.dotted})", str(exc)) from None
+        for key in self.keys:
+            default_from = key.spec.default_from
+            if default_from is not None and key.attr not in values[key.section]:
+                try:
+                    values[key.section][key.attr] = key.spec.kind.from_toml(default_from(env))
+                except _Bad as exc:
+                    raise ConfigError(key.dotted, f"default {exc}; set {key.env}") from None
+        top: dict[str, object] = dict(values[""])
+        for name, (attr, cls, _) in self.sections.items():
+            top[attr] = cls(**values[name])
+        return cast(C, cast(Any, self.root)(**top))
+
+    def render(self, obj: C, *, mask_secrets: bool = True, comments: bool = True) -> str:
+        """obj as TOML that loads back to an equal object (unless secrets are masked)."""
+
+        def lines(owner: object, section_name: str) -> list[str]:
+            out: list[str] = []
+            for key in self.keys:
+                if key.section != section_name:
+                    continue
+                value = getattr(owner, key.attr)
+                if key.spec.secret and mask_secrets:
+                    text = '"***"'
+                else:
+                    text = key.spec.kind.to_toml(value)
+                if comments:
+                    out += [f"# {key.spec.doc}", f"#   env {key.env}"]
+                out.append(f"{key.name} = {text}")
+            return out
+
+        parts = ["\n".join(lines(obj, ""))]
+        for name, (attr, _, doc) in self.sections.items():
+            head = [f"# {doc}"] if comments else []
+            parts.append("\n".join([*head, f"[{name}]", *lines(getattr(obj, attr), name)]))
+        return "\n\n".join(p for p in parts if p) + "\n"
+
+
+# -- the configuration ---------------------------------------------------------------------
+
+
+def _default_node_id(env: Mapping[str, str]) -> str:
+    return env.get("FLY_MACHINE_ID") or socket.gethostname()
+
+
+NODE_ID = Str(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}", "a node id (letters, digits, '.', '_', '-')")
+
+
+@dataclass(frozen=True)
+class DatabasesConfig:
+    paths: tuple[Path, ...] = setting(
+        PathList(), [], "database files to replicate; each one's name under dbs/ is its base name"
+    )
+    dirs: tuple[Path, ...] = setting(
+        PathList(),
+        [],
+        "directories whose SQLite databases are replicated, including ones created later "
+        "(a file starting with the SQLite magic, or empty and named *.db, *.sqlite, *.sqlite3)",
+    )
+    watch_debounce: timedelta = setting(
+        Duration(positive=False),
+        "1ms",
+        "how long file events are gathered before the WAL is read (watchfiles' default adds >1s)",
+    )
+    poll_interval: timedelta = setting(
+        Duration(positive=True), "250ms", "a safety-net poll for missed file events"
+    )
+
+    def __post_init__(self) -> None:
+        seen: dict[str, Path] = {}
+        for path in self.paths:
+            try:
+                name = validate_db_name(path.name)
+            except DatabaseNameError as exc:
+                raise ConfigError("databases.paths", f"{path}: {exc}") from None
+            if name in seen:
+                raise ConfigError(
+                    "databases.paths",
+                    f"two databases named {name!r} ({seen[name]} and {path}): names must differ",
+                )
+            seen[name] = path
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    passive_frames: int = setting(
+        Int(1), 1000, "run a PASSIVE checkpoint once this many WAL frames are durable in LTX files"
+    )
+    truncate_frames: int = setting(
+        Int(1), 100_000, "run a TRUNCATE checkpoint once the WAL holds this many frames"
+    )
+    interval: timedelta = setting(
+        Duration(positive=True), "1m", "run a PASSIVE checkpoint this often if anything was shipped"
+    )
+    seal_timeout: timedelta = setting(
+        Duration(positive=True),
+        "100ms",
+        "the longest the write lock is held to seal the WAL, and the busy timeout to take it",
+    )
+
+    def __post_init__(self) -> None:
+        if self.truncate_frames < self.passive_frames:
+            raise ConfigError(
+                "checkpoint.truncate-frames",
+                f"must be at least checkpoint.passive-frames ({self.passive_frames}), "
+                f"got {self.truncate_frames}",
+            )
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    max_age: timedelta = setting(
+        Duration(positive=False), "10m", "keep LTX files at least this long (by file mtime)"
+    )
+    keep_count: int = setting(
+        Int(0), 100, "and always keep at least this many of the newest LTX files"
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon reads at start; build it with load_config."""
+
+    data_dir: Path = setting(
+        PathKind(), "./ltx-data", "the sidecar's own state: dbs/<name>/ltx/<min>-<max>.ltx"
+    )
+    node_id: str = setting(
+        NODE_ID,
+        None,
+        "this node's id (default: $FLY_MACHINE_ID, else the hostname)",
+        default_from=_default_node_id,
+    )
+    databases: DatabasesConfig = section(DatabasesConfig, "which databases to replicate")
+    checkpoint: CheckpointConfig = section(
+        CheckpointConfig, "WAL checkpoints (the primary owns them)"
+    )
+    retention: RetentionConfig = section(RetentionConfig, "how long LTX files are kept")
+
+    def database_name(self, path: Path) -> str:
+        """The name a database file has under dbs/: its validated base name."""
+        return validate_db_name(Path(path).name)
+
+    def ltx_dir(self, name: str) -> Path:
+        """``<data-dir>/dbs/<name>/ltx``, where one database's LTX log lives."""
+        return self.data_dir / "dbs" / validate_db_name(name) / "ltx"
+
+
+SCHEMA = Schema(Config)
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration from a TOML file (or none: defaults) and the environment.
+
+    ``env`` defaults to os.environ; its ``LTX_SIDECAR_*`` variables override the file.
+    """
+    raw: dict[str, object] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read the config file: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"invalid TOML: {exc}") from None
+    return SCHEMA.load(raw, os.environ if env is None else env)
+
+
+def render_config(cfg: Config, mask_secrets: bool = True, comments: bool = True) -> str:
+    """The effective configuration as TOML, secrets shown as "***" unless told otherwise."""
+    return SCHEMA.render(cfg, mask_secrets=mask_secrets, comments=comments)
+
+
+__all__ = [
+    "ENV_NOT_SETTINGS",
+    "ENV_PREFIX",
+    "SCHEMA",
+    "Bool",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DatabaseNameError",
+    "DatabasesConfig",
+    "Duration",
+    "Float",
+    "Int",
+    "Key",
+    "Kind",
+    "PathKind",
+    "PathList",
+    "RetentionConfig",
+    "Schema",
+    "Spec",
+    "Str",
+    "load_config",
+    "looks_like_sqlite",
+    "render_config",
+    "section",
+    "setting",
+    "validate_db_name",
+]
