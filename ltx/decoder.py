@@ -160,7 +160,8 @@ class Decoder:
         body: Reader | _Lz4Body = r
         if version is Version.V1 and header.flags & FLAG_COMPRESS_LZ4:
             body = _Lz4Body(r, self.path)
-        index: list[IndexEntry] = []
+        index = bytearray()  # expected index entries, as varints: ~9 bytes a page
+        add = _append_uvarint
         db_checksum = 0
         prev = 0
         crc = self._crc
@@ -201,7 +202,9 @@ class Decoder:
             else:
                 raise self._page_error("page_flags", f"page {pgno}: invalid flags 0x{flags:04x}")
             if version is not Version.V1:
-                index.append(IndexEntry(pgno, offset, r.tell() - offset))
+                add(index, pgno)
+                add(index, offset)
+                add(index, r.tell() - offset)
             if track_snapshot and pgno != lock:
                 db_checksum ^= page_checksum(pgno, data)
             prev = pgno
@@ -218,7 +221,7 @@ class Decoder:
         if isinstance(body, _Lz4Body):
             body.finish()
         if version is not Version.V1:
-            crc = self._read_index(index, crc)
+            crc = self._read_index(bytes(index), crc)
         trailer_bytes = r.read_exact(TRAILER_SIZE, "trailer")
         trailer = Trailer.from_bytes(trailer_bytes)
         crc = go(trailer_bytes[:8], crc)
@@ -273,7 +276,7 @@ class Decoder:
             )
         return bytes(data)
 
-    def _read_index(self, frames: list[IndexEntry], crc: int) -> int:
+    def _read_index(self, entries: bytes, crc: int) -> int:
         """Read the page index, check it against the frames seen, and hash its bytes.
 
         The fast path compares the bytes with the index a writer must have
@@ -282,10 +285,11 @@ class Decoder:
         non-minimal varints Go's reader would accept).
         """
         r = self._r
-        expected = encode_index(frames)
+        expected = finish_index(entries)
         if r.peek(len(expected)) == expected:
             r.read_exact(len(expected), "page_index")
             return crc64(expected, crc)
+        frames = parse_index_entries(entries, self.path)
         raw = bytearray()
         for i, frame in enumerate(frames):
             entry = IndexEntry(*(_read_uvarint(r, "page_index", raw) for _ in range(3)))
@@ -361,16 +365,25 @@ def _append_uvarint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def encode_index(entries: list[IndexEntry]) -> bytes:
+def append_index_entry(out: bytearray, pgno: int, offset: int, size: int) -> None:
+    """Add one page's entry (three varints) to an index being built."""
+    _append_uvarint(out, pgno)
+    _append_uvarint(out, offset)
+    _append_uvarint(out, size)
+
+
+def finish_index(entries: bytes) -> bytes:
     """The page index as written after the end marker: entries, a 0, and the u64 size."""
-    out = bytearray()
-    append = _append_uvarint
-    for e in entries:
-        append(out, e.pgno)
-        append(out, e.offset)
-        append(out, e.size)
-    out.append(0)
-    return bytes(out) + _U64.pack(len(out))
+    return entries + b"\x00" + _U64.pack(len(entries) + 1)
+
+
+def parse_index_entries(entries: bytes, path: str | None = None) -> list[IndexEntry]:
+    """Entries built with append_index_entry, back as IndexEntry values (error reports)."""
+    r = Reader(_BytesSource(entries), path)
+    out: list[IndexEntry] = []
+    while not r.at_eof():
+        out.append(IndexEntry(*(_read_uvarint(r, "page_index") for _ in range(3))))
+    return out
 
 
 def _read_lz4_frame(r: Reader, page_size: int, pgno: int, path: str | None) -> bytes:

@@ -13,7 +13,7 @@ import lz4.block
 import lz4.frame
 
 from ltx.checksum import CHECKSUM_FLAG, EMPTY_DB_CHECKSUM, crc64, lock_pgno, page_checksum
-from ltx.decoder import PAGE_FLAG_SIZE, IndexEntry, encode_index
+from ltx.decoder import PAGE_FLAG_SIZE, append_index_entry, finish_index
 from ltx.errors import LTXError, PageError, TrailerError
 from ltx.header import FLAG_COMPRESS_LZ4, Header, Trailer, Version
 
@@ -45,7 +45,7 @@ class Encoder:
         self.version = version
         self._lock = lock_pgno(header.page_size)
         self._prev = 0
-        self._index: list[IndexEntry] = []
+        self._index = bytearray()  # page index entries as varints, written at the end
         self._snapshot_checksum = 0
         self._track_snapshot = header.is_snapshot and not header.no_checksum
         self._finished = False
@@ -106,7 +106,7 @@ class Encoder:
             frame_header = _V3_BLOCK_HEADER.pack(pgno, PAGE_FLAG_SIZE, len(block))
             offset = self._offset
             self._write(frame_header + block)
-            self._index.append(IndexEntry(pgno, offset, len(frame_header) + len(block)))
+            append_index_entry(self._index, pgno, offset, len(frame_header) + len(block))
             self._crc = crc64(data, crc64(frame_header, self._crc))
         else:
             frame_header = _U32.pack(pgno)
@@ -134,7 +134,7 @@ class Encoder:
         # not leave a half-written end (the file checksum is not known yet: use the flag).
         Trailer(post, CHECKSUM_FLAG).validate(header)
         if self.version is Version.V3:
-            tail = b"\x00" * 6 + encode_index(self._index)
+            tail = b"\x00" * 6 + finish_index(bytes(self._index))
             self._write(tail)
         else:
             tail = b"\x00" * 4
