@@ -1,36 +1,98 @@
-"""Entry point for ``python -m sidecar`` and the ``ltx-sidecar`` console script.
-
-The replication daemon is not built yet; for now this only answers ``--version``
-and ``--help`` and says so plainly otherwise.
-"""
+"""Entry point for ``python -m sidecar`` and the ``ltx-sidecar`` console script."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from sidecar import __version__
+from sidecar.config import ConfigError, load_config, render_config
+from sidecar.primary import Primary
 
-NOT_YET = (
-    "ltx-sidecar: the replication daemon is not implemented yet; "
-    "it arrives in a later milestone. Nothing was started."
-)
+log = logging.getLogger("ltx_sidecar")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ltx-sidecar",
-        description="Replicate one SQLite database to many regions (daemon not yet built).",
+        description="Replicate SQLite databases as LTX files, beside the app, without FUSE.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("LTX_SIDECAR_CONFIG"),
+        help="TOML configuration file (default: $LTX_SIDECAR_CONFIG; none: built-in defaults)",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print the effective settings (secrets masked), exit",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LTX_SIDECAR_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO)",
+    )
     return parser
 
 
+async def _serve(primary: Primary) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await primary.run(stop)
+
+
+def _run(primary: Primary) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit
+        asyncio.run(_serve(primary))
+    else:
+        uvloop.run(_serve(primary))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print(NOT_YET, file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one line per file event
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"ltx-sidecar: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ltx-sidecar: cannot read the configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        sys.stdout.write(render_config(cfg))
+        return 0
+    if not cfg.databases.paths and not cfg.databases.dirs:
+        print(
+            "ltx-sidecar: no databases configured: set [databases] paths or dirs "
+            "(or LTX_SIDECAR_DATABASES_PATHS / LTX_SIDECAR_DATABASES_DIRS)",
+            file=sys.stderr,
+        )
+        return 2
+    log.info(
+        "ltx-sidecar %s starting as node %s, data in %s", __version__, cfg.node_id, cfg.data_dir
+    )
+    _run(Primary(cfg))
+    log.info("ltx-sidecar stopped")
+    return 0
 
 
 if __name__ == "__main__":

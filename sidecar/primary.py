@@ -1,0 +1,218 @@
+"""The primary role's runtime: a worker per database, woken by file events.
+
+Each database gets one DatabaseWorker that runs its DatabaseTailer in a worker thread,
+one call at a time. watchfiles reports writes to the -wal and database files within a
+millisecond or two (its debounce is configured down from 1.6 s); a slow poll catches
+anything the events miss. New databases in watched directories get a worker when they
+appear; a worker whose database is not ready (missing, locked in rollback mode,
+read-only) logs why once and keeps retrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+import xxhash
+
+from sidecar.config import Config, DatabaseNameError, looks_like_sqlite
+from sidecar.fileutil import atomic_write
+from sidecar.log import LTXLog
+from sidecar.tailer import DatabaseTailer, TailerError, TailerOptions
+
+log = logging.getLogger("ltx_sidecar.primary")
+
+_SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
+_STATE_INTERVAL = 1.0  # seconds between state.json writes
+_RETENTION_INTERVAL = 10.0
+
+
+def node_id_number(node_id: str) -> int:
+    """The u64 NodeID for LTX headers: 16 hex digits as given, otherwise a hash of the id."""
+    if len(node_id) == 16:
+        with contextlib.suppress(ValueError):
+            return int(node_id, 16)
+    return int(xxhash.xxh64_intdigest(node_id.encode()))
+
+
+def database_of(path: Path) -> Path:
+    """The database a file event is about (-wal, -shm and -journal belong to theirs)."""
+    name = path.name
+    for suffix in _SIBLING_SUFFIXES:
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)])
+    return path
+
+
+class DatabaseWorker:
+    """Drives one tailer: sync when woken or when the poll interval passes."""
+
+    def __init__(self, name: str, path: Path, cfg: Config) -> None:
+        self.name = name
+        self.path = path
+        self.cfg = cfg
+        options = TailerOptions(
+            passive_frames=cfg.checkpoint.passive_frames,
+            truncate_frames=cfg.checkpoint.truncate_frames,
+            checkpoint_interval=cfg.checkpoint.interval.total_seconds(),
+            seal_timeout=cfg.checkpoint.seal_timeout.total_seconds(),
+            node_id=node_id_number(cfg.node_id),
+        )
+        self.log = LTXLog(cfg.ltx_dir(name))
+        self.tailer = DatabaseTailer(name, path, self.log, options)
+        self.wake = asyncio.Event()
+        self._last_error: str | None = None
+        self._last_state_write = 0.0
+        self._last_retention = time.monotonic()
+        self._state_path = cfg.data_dir / "dbs" / name / "state.json"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        poll = self.cfg.databases.poll_interval.total_seconds()
+        while not stop.is_set():
+            self.wake.clear()
+            await asyncio.to_thread(self._step)
+            if self.wake.is_set():
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), poll)
+        await asyncio.to_thread(self._shutdown)
+
+    def _step(self) -> None:
+        try:
+            self.tailer.sync()
+        except TailerError as exc:
+            self._report(str(exc))
+        except Exception as exc:  # keep the daemon alive; the next step retries
+            log.exception("%s: sync failed", self.name)
+            self._report(f"sync failed: {exc}")
+            self.tailer.close()
+        else:
+            if self._last_error is not None:
+                log.info("%s: following the database again", self.name)
+            self._last_error = None
+            self.tailer.state.error = None
+        now = time.monotonic()
+        if now - self._last_retention >= _RETENTION_INTERVAL:
+            self._last_retention = now
+            self._retain()
+        if now - self._last_state_write >= _STATE_INTERVAL:
+            self._last_state_write = now
+            self.write_state()
+
+    def _report(self, message: str) -> None:
+        self.tailer.state.error = message
+        if message != self._last_error:
+            log.warning("%s: %s", self.name, message)
+            self._last_error = message
+
+    def _retain(self) -> None:
+        retention = self.cfg.retention
+        removed = self.log.retain(
+            int(time.time() * 1000),
+            int(retention.max_age.total_seconds() * 1000),
+            retention.keep_count,
+        )
+        if removed:
+            log.info("%s: retention removed %d old LTX file(s)", self.name, len(removed))
+
+    def write_state(self) -> None:
+        """<data-dir>/dbs/<name>/state.json: what ltxctl shows when the daemon is down."""
+        state: dict[str, Any] = self.tailer.state.as_dict()
+        state["role"] = "primary"
+        state["updated"] = time.time()
+        try:
+            with atomic_write(self._state_path) as f:
+                f.write(json.dumps(state, indent=2).encode() + b"\n")
+        except OSError as exc:
+            log.warning("%s: cannot write %s: %s", self.name, self._state_path, exc)
+
+    def _shutdown(self) -> None:
+        """A last sync so nothing committed is left unshipped, then close."""
+        with contextlib.suppress(TailerError):
+            if self.tailer.is_open:
+                self.tailer.sync()
+        self.write_state()
+        self.tailer.close()
+
+
+class Primary:
+    """All the databases this node replicates, in the primary role."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.workers: dict[Path, DatabaseWorker] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _watched_dirs(self) -> set[Path]:
+        dirs = {p.resolve().parent for p in self.cfg.databases.paths}
+        dirs.update(d.resolve() for d in self.cfg.databases.dirs)
+        return dirs
+
+    def _add(self, path: Path, stop: asyncio.Event) -> DatabaseWorker | None:
+        path = path.resolve()
+        if path in self.workers:
+            return self.workers[path]
+        try:
+            name = self.cfg.database_name(path)
+        except DatabaseNameError as exc:
+            log.warning("%s: not replicated: %s", path, exc)
+            return None
+        if any(w.name == name for w in self.workers.values()):
+            log.warning("%s: not replicated: another database is already named %r", path, name)
+            return None
+        worker = DatabaseWorker(name, path, self.cfg)
+        self.workers[path] = worker
+        self._tasks.append(asyncio.create_task(worker.run(stop), name=f"db:{name}"))
+        log.info("%s: replicating %s", name, path)
+        return worker
+
+    def _discover(self, stop: asyncio.Event) -> None:
+        for path in self.cfg.databases.paths:
+            self._add(path, stop)
+        for directory in self.cfg.databases.dirs:
+            if not directory.is_dir():
+                continue
+            for path in sorted(directory.iterdir()):
+                if path.resolve() not in self.workers and looks_like_sqlite(path):
+                    self._add(path, stop)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for directory in self._watched_dirs():
+            directory.mkdir(parents=True, exist_ok=True)
+        self._discover(stop)
+        watcher = asyncio.create_task(self._watch(stop), name="watch")
+        try:
+            await stop.wait()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        debounce_ms = max(1, int(self.cfg.databases.watch_debounce.total_seconds() * 1000))
+        watched_dirs = {d.resolve() for d in self.cfg.databases.dirs}
+        async for changes in watchfiles.awatch(
+            *self._watched_dirs(),
+            watch_filter=None,
+            debounce=debounce_ms,
+            step=1,
+            stop_event=stop,
+            recursive=False,
+        ):
+            for _change, raw in changes:
+                db = database_of(Path(raw)).resolve()
+                worker = self.workers.get(db)
+                if worker is None and db.parent in watched_dirs and looks_like_sqlite(db):
+                    worker = self._add(db, stop)
+                if worker is not None:
+                    worker.wake.set()
+
+    def states(self) -> list[dict[str, Any]]:
+        return [w.tailer.state.as_dict() for w in self.workers.values()]
