@@ -1,0 +1,817 @@
+"""Primary side: turn every transaction committed to a live SQLite database into LTX.
+
+One DatabaseTailer owns one database (Litestream's db.go is the model). It never sits in
+the app's write path; it reads the -wal file directly and keeps SQLite from moving frames
+behind its back. The rules, enforced below (see ../shared/docs/wal-tailing.md):
+
+* The pin. A read transaction on our own connection is held between syncs. While it is
+  held no checkpoint can reset the WAL: on read slot 0 it blocks all backfill, on slot
+  i > 0 it caps backfill at its mark and blocks the reset. So committed frames we have not
+  read yet stay where they are, and only whole committed transactions are read (frames up
+  to the last valid commit frame whose salts and checksum chain verify).
+* Checkpoints are ours. A PASSIVE checkpoint runs once `passive_frames` frames are durable
+  in LTX files. It is "sealed": we take the write lock (BEGIN IMMEDIATE on a second
+  connection, at most `seal_timeout`), read the last frames, release the pin, checkpoint,
+  re-take the pin and release the write lock. No commit can happen in between, so no
+  committed frame is checkpointed unseen, and app writers wait no longer than the seal.
+  When everything was backfilled, the next writer rewinds the log with salt-1 + 1; that
+  reset is expected and followed. Past `truncate_frames` a TRUNCATE checkpoint runs; it
+  needs the write lock itself, so it runs just after the seal is released, and if a
+  commit slipped into that gap the database is rescanned (below).
+* Positions. Each LTX file's pre/post-apply checksums come from a per-page checksum array
+  kept incrementally, never by re-reading the database per transaction.
+* What the log cannot explain (a WAL reset we did not expect, a WAL rewritten or
+  truncated by another process, a checkpoint by the app while we were down, the database
+  replaced) is never guessed: the database is rescanned through the pinned snapshot.
+  While running, the rescan compares every page with the checksum array and writes an
+  incremental LTX holding exactly the pages that differ; at start (no array yet) it writes
+  a snapshot at the next TXID. Either way a log line says why.
+* Restart. On start the log's last file must match the database: same WAL generation
+  with its frames still in place, and the checksum of the database rebuilt at that point
+  equal to the file's post-apply checksum; frames committed after it are shipped. Anything
+  else gives a snapshot, never a silently wrong log.
+* Deletion. A database file that disappears or is replaced by another file gives a
+  deletion LTX (commit 0); a database that appears again starts with a snapshot.
+
+Blocking I/O: the daemon runs a tailer's methods in a worker thread, one call at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import sqlean
+
+import ltx
+from ltx import CHECKSUM_FLAG, EMPTY_DB_CHECKSUM, Encoder, Header, lock_pgno, page_checksum
+from sidecar import wal
+from sidecar.log import LTXLog
+
+log = logging.getLogger("ltx_sidecar.tailer")
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+WAL_HEADER_SIZE = 32
+_READ_CHUNK = 64 << 20  # WAL bytes read per scan; a longer transaction reads more
+
+
+class TailerError(Exception):
+    """A database the tailer cannot follow right now; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TailerOptions:
+    passive_frames: int = 1000
+    truncate_frames: int = 100_000
+    checkpoint_interval: float = 60.0
+    seal_timeout: float = 0.1
+    node_id: int = 0
+
+
+@dataclass(slots=True)
+class TailerState:
+    """What a user can see about one database on the primary."""
+
+    name: str
+    path: str
+    txid: int = 0
+    checksum: int = 0
+    page_size: int = 0
+    pages: int = 0
+    wal_size: int = 0
+    wal_frames: int = 0
+    last_checkpoint: float | None = None
+    last_checkpoint_mode: str | None = None
+    last_ltx: str | None = None
+    snapshots: int = 0
+    rescans: int = 0
+    ltx_files: int = 0
+    ltx_bytes: int = 0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "txid": f"{self.txid:016x}",
+            "checksum": f"{self.checksum:016x}",
+            "pos": str(ltx.Pos(self.txid, self.checksum)),
+            "page_size": self.page_size,
+            "pages": self.pages,
+            "size": self.page_size * self.pages,
+            "wal_size": self.wal_size,
+            "wal_frames": self.wal_frames,
+            "last_checkpoint": self.last_checkpoint,
+            "last_checkpoint_mode": self.last_checkpoint_mode,
+            "last_ltx": self.last_ltx,
+            "snapshots": self.snapshots,
+            "rescans": self.rescans,
+            "ltx_files_written": self.ltx_files,
+            "ltx_bytes_written": self.ltx_bytes,
+            "error": self.error,
+        }
+
+
+def is_sqlite_file(path: Path) -> bool:
+    """True when the file starts with the SQLite magic (read through a short-lived fd).
+
+    Only for files the process has not opened with SQLite: closing a descriptor drops
+    the process's POSIX locks on that file.
+    """
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+class DatabaseTailer:
+    """Follows one database's WAL and appends its transactions to an LTX log."""
+
+    def __init__(self, name: str, path: Path, ltx_log: LTXLog, options: TailerOptions) -> None:
+        self.name = name
+        self.path = path
+        self.wal_path = Path(f"{path}-wal")
+        self.log = ltx_log
+        self.options = options
+        self.state = TailerState(name=name, path=str(path))
+        self._pin: sqlean.Connection | None = None
+        self._ctl: sqlean.Connection | None = None
+        self._raw: BinaryIO | None = None  # kept open for the process's life (POSIX locks)
+        self._ino: tuple[int, int] | None = None
+        self._page_size = 0
+        self._commit = 0
+        self._checksums = array("Q")  # index pgno; 0 unused
+        self._acc = 0  # XOR of page checksums, without the flag bit forced
+        self._txid = 0
+        self._scan: wal.ScanState | None = None
+        self._wal_generation: tuple[int, int] | None = None  # salts of the log we follow
+        self._expect_reset = False
+        self._frames_since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._deleted = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._pin is not None
+
+    def open(self) -> None:
+        """Connect, make sure of WAL mode, pin, and reconcile the log with the database.
+
+        Raises TailerError (with the reason) when the database cannot be followed yet; the
+        caller retries later.
+        """
+        if self._pin is not None:
+            return
+        if not self.path.exists():
+            raise TailerError(f"{self.path}: database does not exist yet")
+        if not is_sqlite_file(self.path) and self.path.stat().st_size > 0:
+            raise TailerError(f"{self.path}: not a SQLite database (bad header)")
+        try:
+            self._connect()
+            self._ensure_wal_mode()
+            self._reconcile()
+        except BaseException:
+            self.close()
+            raise
+        self.state.error = None
+
+    def _connect(self) -> None:
+        try:
+            self._raw = self.path.open("rb")
+            st = os.fstat(self._raw.fileno())
+            self._ino = (st.st_dev, st.st_ino)
+            timeout_ms = max(1, int(self.options.seal_timeout * 1000))
+            self._pin = _connect(self.path, timeout_ms)
+            self._ctl = _connect(self.path, timeout_ms)
+        except (OSError, sqlean.Error) as exc:
+            raise TailerError(f"{self.path}: cannot open: {exc}") from exc
+
+    def _ensure_wal_mode(self) -> None:
+        assert self._ctl is not None
+        mode = str(self._ctl.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        if mode == "wal":
+            return
+        if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK):
+            raise TailerError(
+                f"{self.path}: in {mode!r} journal mode and cannot switch it to WAL: the file "
+                f"or its directory is read-only"
+            )
+        try:
+            new = str(self._ctl.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+        except sqlean.Error as exc:
+            raise TailerError(
+                f"{self.path}: in {mode!r} journal mode and switching to WAL failed: {exc} "
+                f"(another process holds it open; retrying)"
+            ) from exc
+        if new != "wal":
+            raise TailerError(f"{self.path}: switching from {mode!r} to WAL mode gave {new!r}")
+        log.info("%s: switched the database from %s to WAL journal mode", self.name, mode)
+
+    def close(self) -> None:
+        """Release the pin and connections; the raw descriptor goes last."""
+        for conn in (self._pin, self._ctl):
+            if conn is not None:
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    conn.close()
+                except sqlean.Error:
+                    pass
+        self._pin = self._ctl = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    # -- pin and seal --------------------------------------------------------------------
+
+    def _repin(self) -> None:
+        """End the pinned read transaction and start a new one at the latest commit."""
+        pin = self._pin
+        assert pin is not None
+        if pin.in_transaction:
+            pin.execute("COMMIT")
+        pin.execute("BEGIN")
+        pin.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+
+    def _seal(self) -> _Seal:
+        assert self._ctl is not None
+        return _Seal(self._ctl, self.options.seal_timeout, self.name)
+
+    # -- reconciliation at start ---------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        with self._seal():
+            self._repin()
+            header = self._read_wal_header()
+            wal_bytes = self._read_wal_from(0) if header is not None else b""
+        page_size = self._pinned_page_size()
+        self._page_size = page_size
+        self._load_checksums()
+        last = self.log.last_header
+        pos = self.log.pos
+        if last is None or pos is None:
+            self._txid = 0
+            self._follow_wal(header, wal_bytes)
+            self._write_snapshot("the log is empty")
+            return
+        self._txid = pos.txid
+        if last.commit == 0:
+            self._follow_wal(header, wal_bytes)
+            self._write_snapshot("the log ends with a deletion and the database is back")
+            return
+        reason = self._resume_from_log(last, pos, header, wal_bytes)
+        if reason is not None:
+            self._follow_wal(header, wal_bytes)
+            self._write_snapshot(reason)
+
+    def _resume_from_log(
+        self, last: Header, pos: ltx.Pos, header: wal.WALHeader | None, wal_bytes: bytes
+    ) -> str | None:
+        """Continue after the log's last file if the database provably follows from it.
+
+        Returns None when resumed (frames committed after the file are shipped), or the
+        reason the database does not follow.
+        """
+        if last.page_size != self._page_size:
+            return f"page size changed from {last.page_size} to {self._page_size}"
+        end = last.wal_offset + last.wal_size
+        same_generation = (
+            header is not None
+            and last.wal_offset > 0
+            and (header.salt1, header.salt2) == (last.wal_salt1, last.wal_salt2)
+        )
+        if not same_generation:
+            # The WAL was reset (or never used) since the last file. A reset needs every
+            # frame backfilled first, so the database file held the state at the last
+            # file when the new log began: undo what the new log changed, using the
+            # file's pages, and the checksum must come out as the log's.
+            result = (
+                wal.scan(wal_bytes, 0, wal.ScanState.from_header(header))
+                if header is not None
+                else None
+            )
+            after = list(result.transactions) if result is not None else []
+            at_end = self._checksum_before(after, [], last.commit) if after else self._checksum()
+            if at_end != pos.post_apply_checksum:
+                return "the WAL was reset or rewritten while the sidecar was not running"
+            self._follow_wal(header, wal_bytes)
+            log.info(
+                "%s: resumed at TXID %d (new WAL generation) with %d transaction(s) since",
+                self.name,
+                pos.txid,
+                len(after),
+            )
+            if after:
+                self._ship_group(after, pre=pos.post_apply_checksum, reload=False)
+            return None
+        assert header is not None
+        result = wal.scan(wal_bytes, 0, wal.ScanState.from_header(header))
+        if result.state.offset < end:
+            return "the WAL no longer holds the frames of the last LTX file"
+        upto = [t for t in result.transactions if t.end_offset <= end]
+        if not upto or upto[-1].end_offset != end:
+            return "the last LTX file does not end on a commit in the WAL"
+        after = [t for t in result.transactions if t.end_offset > end]
+        # Rebuild the checksum at the end of the last file: undo, page by page, what the
+        # frames committed after it changed, using the images current at that point.
+        at_end = self._checksum_before(after, upto, last.commit)
+        if at_end != pos.post_apply_checksum:
+            return (
+                f"the database at the last LTX file has checksum {at_end:016x}, "
+                f"the log says {pos.post_apply_checksum:016x}"
+            )
+        self._scan = result.state
+        self._wal_generation = (header.salt1, header.salt2)
+        self._frames_since_checkpoint = result.state.frame_count
+        log.info(
+            "%s: resumed at TXID %d with %d transaction(s) committed since",
+            self.name,
+            pos.txid,
+            len(after),
+        )
+        if after:
+            # The checksum array holds the current state; ship the rest as one file.
+            self._ship_group(after, pre=pos.post_apply_checksum, reload=False)
+        return None
+
+    def _checksum_before(
+        self, after: list[wal.WALTransaction], upto: list[wal.WALTransaction], commit: int
+    ) -> int:
+        """The database checksum before the `after` transactions, from the current array."""
+        changed: set[int] = set()
+        for txn in after:
+            changed.update(txn.pages)
+        images: dict[int, bytes] = {}
+        for txn in upto:
+            for pgno, data in txn.pages.items():
+                if pgno in changed:
+                    images[pgno] = data
+        acc = self._acc
+        lock = lock_pgno(self._page_size)
+        current = self._commit
+        for pgno in range(1, max(current, commit) + 1):
+            if pgno == lock:
+                continue
+            now = self._checksums[pgno] if pgno <= current else 0
+            if pgno in changed or pgno > current or pgno > commit:
+                before = 0
+                if pgno <= commit:
+                    image = images.get(pgno)
+                    if image is None:
+                        image = self._raw_page(pgno)
+                    before = page_checksum(pgno, image)
+                acc ^= now ^ before
+        return CHECKSUM_FLAG | acc
+
+    def _follow_wal(self, header: wal.WALHeader | None, wal_bytes: bytes) -> None:
+        """Take the WAL as it is now as already reflected in the pinned state."""
+        if header is None:
+            self._scan = None
+            self._wal_generation = None
+            self._frames_since_checkpoint = 0
+            return
+        result = wal.scan(wal_bytes, 0, wal.ScanState.from_header(header))
+        self._scan = result.state
+        self._wal_generation = (header.salt1, header.salt2)
+        self._frames_since_checkpoint = result.state.frame_count
+
+    # -- reading the database through the pin --------------------------------------------
+
+    def _pinned_page_size(self) -> int:
+        assert self._pin is not None
+        return int(self._pin.execute("PRAGMA page_size").fetchone()[0])
+
+    def _pinned_pages(self) -> Iterator[tuple[int, bytes]]:
+        """Every page of the pinned snapshot, ascending (the lock page is skipped)."""
+        assert self._pin is not None
+        lock = lock_pgno(self._page_size)
+        cursor = self._pin.execute("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")
+        for pgno, data in cursor:
+            if pgno != lock:
+                yield int(pgno), bytes(data)
+
+    def _load_checksums(self) -> None:
+        """Compute the per-page checksum array of the pinned snapshot (once, at start)."""
+        sums = array("Q", [0])
+        acc = 0
+        count = 0
+        for pgno, data in self._pinned_pages():
+            while len(sums) < pgno:
+                sums.append(0)
+            value = page_checksum(pgno, data)
+            sums.append(value)
+            acc ^= value
+            count = pgno
+        self._checksums = sums
+        self._acc = acc
+        self._commit = count
+        self._sync_state()
+
+    def _checksum(self) -> int:
+        return CHECKSUM_FLAG | self._acc if self._commit else EMPTY_DB_CHECKSUM
+
+    def _raw_page(self, pgno: int) -> bytes:
+        assert self._raw is not None
+        self._raw.seek((pgno - 1) * self._page_size)
+        data = self._raw.read(self._page_size)
+        return data.ljust(self._page_size, b"\x00")
+
+    # -- the WAL file ----------------------------------------------------------------------
+
+    def _read_wal_header(self) -> wal.WALHeader | None:
+        try:
+            with self.wal_path.open("rb") as f:
+                data = f.read(WAL_HEADER_SIZE)
+        except FileNotFoundError:
+            return None
+        if len(data) < WAL_HEADER_SIZE:
+            return None
+        try:
+            return wal.parse_wal_header(data)
+        except wal.WALError as exc:
+            log.warning("%s: ignoring an invalid WAL header: %s", self.name, exc)
+            return None
+
+    def _read_wal_from(self, offset: int, limit: int = -1) -> bytes:
+        try:
+            with self.wal_path.open("rb") as f:
+                f.seek(offset)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    def _wal_size(self) -> int:
+        try:
+            return self.wal_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    # -- syncing ---------------------------------------------------------------------------
+
+    def sync(self) -> int:
+        """Ship every transaction committed since the last call; return how many.
+
+        Also runs the checkpoint policy. Opens the database first if needed (raising
+        TailerError while it cannot be followed).
+        """
+        if self._deleted or self._pin is None:
+            if not self.path.exists():
+                return 0
+            self._deleted = False
+            self.open()
+        if self._database_replaced():
+            return 0
+        shipped = self._sync_wal()
+        self._maybe_checkpoint()
+        self._sync_state()
+        return shipped
+
+    def _database_replaced(self) -> bool:
+        """Handle a deleted or replaced database file: a deletion LTX, then start over."""
+        try:
+            st = self.path.stat()
+            current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            current = None
+        if current == self._ino:
+            return False
+        what = "deleted" if current is None else "replaced by another file"
+        self._write_deletion(f"the database file was {what}")
+        self.close()
+        self._deleted = True
+        self._scan = None
+        self._wal_generation = None
+        return True
+
+    def _sync_wal(self) -> int:
+        header = self._read_wal_header()
+        if header is None:
+            if self._scan is not None and self._scan.offset > WAL_HEADER_SIZE:
+                if self._expect_reset:
+                    return 0  # truncated by our own checkpoint; the next commit rewrites it
+                return self._rescan("the WAL file disappeared or was truncated")
+            return 0
+        salts = (header.salt1, header.salt2)
+        if self._wal_generation is None or salts != self._wal_generation:
+            expected = (
+                self._expect_reset
+                and self._wal_generation is not None
+                and header.salt1 == (self._wal_generation[0] + 1) & 0xFFFFFFFF
+            )
+            if self._wal_generation is not None and not expected:
+                return self._rescan("the WAL was reset by another process")
+            self._scan = wal.ScanState.from_header(header)
+            self._wal_generation = salts
+            self._expect_reset = False
+            self._frames_since_checkpoint = 0
+        assert self._scan is not None
+        shipped = 0
+        while True:
+            data = self._read_wal_from(self._scan.offset, _READ_CHUNK)
+            result = wal.scan(data, self._scan.offset, self._scan)
+            if result.transactions:
+                self._ship_group(list(result.transactions), pre=self._checksum(), reload=True)
+                shipped += len(result.transactions)
+            self._scan = result.state
+            self._frames_since_checkpoint = result.state.frame_count
+            if len(data) < _READ_CHUNK or result.transactions:
+                if len(data) < _READ_CHUNK:
+                    break
+                continue
+            # A full chunk with no commit: a transaction longer than the chunk.
+            data = self._read_wal_from(self._scan.offset)
+            result = wal.scan(data, self._scan.offset, self._scan)
+            if result.transactions:
+                self._ship_group(list(result.transactions), pre=self._checksum(), reload=True)
+                shipped += len(result.transactions)
+            self._scan = result.state
+            self._frames_since_checkpoint = result.state.frame_count
+            break
+        return shipped
+
+    def _ship_group(self, txns: list[wal.WALTransaction], *, pre: int, reload: bool) -> None:
+        """Write one LTX file for consecutive committed transactions.
+
+        With reload, the checksum array is advanced through the transactions; without,
+        it already holds the state after them (start-up resume).
+        """
+        pages: dict[int, bytes] = {}
+        for txn in txns:
+            for pgno, data in txn.pages.items():
+                pages[pgno] = data
+            if txn.commit_size < max(pages, default=0):
+                for pgno in [p for p in pages if p > txn.commit_size]:
+                    del pages[pgno]
+        commit = txns[-1].commit_size
+        if reload:
+            self._advance(pages, commit)
+        lock = lock_pgno(self._page_size)
+        pages.pop(lock, None)
+        first, last_txn = txns[0], txns[-1]
+        header = Header(
+            page_size=self._page_size,
+            commit=commit,
+            min_txid=self._txid + 1,
+            max_txid=self._txid + len(txns),
+            timestamp=int(time.time() * 1000),
+            pre_apply_checksum=pre,
+            wal_offset=first.first_offset,
+            wal_size=last_txn.end_offset - first.first_offset,
+            wal_salt1=first.salt1,
+            wal_salt2=first.salt2,
+            node_id=self.options.node_id,
+        )
+        self._append(header, sorted(pages.items()), self._checksum())
+
+    def _advance(self, pages: dict[int, bytes], commit: int) -> None:
+        """Move the checksum array to the state after writing `pages` and sizing to commit."""
+        sums = self._checksums
+        acc = self._acc
+        old = self._commit
+        lock = lock_pgno(self._page_size)
+        for pgno in range(commit + 1, old + 1):
+            acc ^= sums[pgno]
+        if commit < old:
+            del sums[commit + 1 :]
+        elif commit > old:
+            sums.extend([0] * (commit - old))
+            missing = [p for p in range(old + 1, commit + 1) if p not in pages and p != lock]
+            if missing:
+                log.warning(
+                    "%s: pages %d..%d grew the database without WAL frames; reading them "
+                    "from the database file",
+                    self.name,
+                    missing[0],
+                    missing[-1],
+                )
+                for pgno in missing:
+                    pages[pgno] = self._raw_page(pgno)
+        for pgno, data in pages.items():
+            if pgno == lock:
+                continue
+            value = page_checksum(pgno, data)
+            acc ^= sums[pgno] ^ value
+            sums[pgno] = value
+        self._acc = acc
+        self._commit = commit
+
+    def _append(self, header: Header, pages: list[tuple[int, bytes]], post: int) -> None:
+        def write(f: BinaryIO) -> None:
+            encoder = Encoder(f, header)
+            for pgno, data in pages:
+                encoder.write_page(pgno, data)
+            encoder.finish(post)
+
+        path = self.log.append(write)
+        self._txid = header.max_txid
+        self.state.ltx_files += 1
+        self.state.ltx_bytes += path.stat().st_size
+        self.state.last_ltx = path.name
+
+    # -- snapshots, rescans, deletions ------------------------------------------------------
+
+    def _write_snapshot(self, reason: str) -> None:
+        """A snapshot of the pinned state at the next TXID (pins must be current)."""
+        if self._commit == 0:
+            log.info("%s: the database has no pages yet; nothing to snapshot", self.name)
+            return
+        txid = self._txid + 1
+        log.warning("%s: writing a snapshot at TXID %d: %s", self.name, txid, reason)
+        header = Header(
+            page_size=self._page_size,
+            commit=self._commit,
+            min_txid=1,
+            max_txid=txid,
+            timestamp=int(time.time() * 1000),
+            node_id=self.options.node_id,
+        )
+        self._append(header, list(self._pinned_pages()), self._checksum())
+        self.state.snapshots += 1
+
+    def _rescan(self, reason: str) -> int:
+        """Re-read the whole database under a fresh pin and ship what differs."""
+        with self._seal():
+            self._repin()
+            header = self._read_wal_header()
+            wal_bytes = self._read_wal_from(0) if header is not None else b""
+        self.state.rescans += 1
+        if self._pinned_page_size() != self._page_size:
+            self._page_size = self._pinned_page_size()
+            self._load_checksums()
+            self._follow_wal(header, wal_bytes)
+            self._write_snapshot(f"{reason}; the page size changed")
+            return 1
+        pre = self._checksum()
+        changed: list[tuple[int, bytes]] = []
+        sums = self._checksums
+        count = 0
+        for pgno, data in self._pinned_pages():
+            value = page_checksum(pgno, data)
+            if pgno >= len(sums) or sums[pgno] != value:
+                changed.append((pgno, data))
+            count = pgno
+        self._follow_wal(header, wal_bytes)
+        if not changed and count == self._commit:
+            log.info("%s: %s; rescanned: the database is unchanged", self.name, reason)
+            return 0
+        self._advance(dict(changed), count)
+        txid = self._txid + 1
+        log.warning(
+            "%s: %s; rescanned the database: %d page(s) differ, size %d pages; written as TXID %d",
+            self.name,
+            reason,
+            len(changed),
+            count,
+            txid,
+        )
+        header_ = Header(
+            page_size=self._page_size,
+            commit=count,
+            min_txid=txid,
+            max_txid=txid,
+            timestamp=int(time.time() * 1000),
+            pre_apply_checksum=pre,
+            node_id=self.options.node_id,
+        )
+        self._append(header_, changed, self._checksum())
+        return 1
+
+    def _write_deletion(self, reason: str) -> None:
+        if self._txid == 0:
+            return
+        txid = self._txid + 1
+        log.warning("%s: writing a deletion at TXID %d: %s", self.name, txid, reason)
+        header = Header(
+            page_size=self._page_size or 4096,
+            commit=0,
+            min_txid=txid,
+            max_txid=txid,
+            timestamp=int(time.time() * 1000),
+            pre_apply_checksum=self._checksum(),
+            node_id=self.options.node_id,
+        )
+        self._checksums = array("Q", [0])
+        self._acc = 0
+        self._commit = 0
+        self._append(header, [], EMPTY_DB_CHECKSUM)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        frames = self._frames_since_checkpoint
+        if frames == 0:
+            return
+        if frames >= self.options.truncate_frames:
+            self.checkpoint("TRUNCATE")
+        elif frames >= self.options.passive_frames or (
+            time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval
+        ):
+            self.checkpoint("PASSIVE")
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int] | None:
+        """Run a sealed checkpoint; returns SQLite's (busy, log frames, checkpointed).
+
+        Returns None when the seal could not be taken in time (app writers busy); the
+        policy tries again on a later sync.
+        """
+        assert self._pin is not None
+        try:
+            seal = self._seal()
+            seal.__enter__()
+        except _SealBusy:
+            log.debug("%s: checkpoint skipped: the write lock is busy", self.name)
+            return None
+        try:
+            self._sync_wal()  # the last frames, with writers held off
+            sealed_end = self._scan.offset if self._scan is not None else WAL_HEADER_SIZE
+            sealed_frames = self._scan.frame_count if self._scan is not None else 0
+            self._pin.execute("COMMIT")
+            if mode == "PASSIVE":
+                result = self._run_checkpoint("PASSIVE")
+                self._repin()
+        finally:
+            seal.__exit__(None, None, None)
+        if mode != "PASSIVE":
+            try:
+                result = self._run_checkpoint(mode)
+            finally:
+                self._repin()
+        busy, wal_frames, done = result
+        self._last_checkpoint = time.monotonic()
+        self.state.last_checkpoint = time.time()
+        self.state.last_checkpoint_mode = mode
+        if busy == 0 and done == wal_frames:
+            self._expect_reset = True
+            self._frames_since_checkpoint = 0
+        if mode != "PASSIVE" and wal_frames > sealed_frames:
+            # Commits slipped in between the seal and the checkpoint and may have been
+            # checkpointed and truncated away unseen.
+            self._rescan(
+                f"{wal_frames - sealed_frames} frame(s) were committed during a {mode} "
+                f"checkpoint (offset {sealed_end})"
+            )
+        log.debug("%s: %s checkpoint: %s", self.name, mode, result)
+        self._sync_state()
+        return result
+
+    def _run_checkpoint(self, mode: str) -> tuple[int, int, int]:
+        assert self._pin is not None
+        row = self._pin.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _sync_state(self) -> None:
+        s = self.state
+        s.txid = self._txid
+        s.checksum = self._checksum()
+        s.page_size = self._page_size
+        s.pages = self._commit
+        s.wal_size = self._wal_size()
+        s.wal_frames = self._scan.frame_count if self._scan is not None else 0
+
+
+class _SealBusy(Exception):
+    pass
+
+
+class _Seal:
+    """BEGIN IMMEDIATE on the control connection: app commits wait until we are done."""
+
+    def __init__(self, conn: sqlean.Connection, timeout: float, name: str) -> None:
+        self._conn = conn
+        self._timeout = timeout
+        self._name = name
+
+    def __enter__(self) -> _Seal:
+        deadline = time.monotonic() + max(self._timeout, 0.001) * 20
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                return self
+            except sqlean.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise _SealBusy(str(exc)) from exc
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+
+def _connect(path: Path, busy_timeout_ms: int) -> sqlean.Connection:
+    conn = sqlean.connect(str(path), isolation_level=None, check_same_thread=False, timeout=0)
+    conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    return conn
