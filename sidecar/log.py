@@ -6,7 +6,10 @@ pre-apply checksum equal to the previous post-apply checksum). Only file names
 are read at open; the newest file's header and trailer (116 bytes) give the
 position. A file appears under its final name only complete and durable
 (written to a temporary name, fsynced, renamed, directory fsynced), so after a
-crash the directory holds whole files plus temporaries, which open removes.
+crash the directory holds whole files plus temporaries, which the owner's open
+removes (``LTXLog(directory, clean=True)``: the daemon that writes the log). Any
+other reader opens it without cleaning, so it never deletes a file the writer is
+still making.
 
 Crash residue and the one rule that resolves it. Appends only extend the end,
 so open keeps the chain that ends at the newest file, walking back through
@@ -14,9 +17,9 @@ predecessors (the longest one when several end at the same TXID, as after a
 compaction that renamed its output but did not finish removing its inputs), and
 removes every other file, which such a crash left behind:
 
-* a snapshot removes the old files (oldest first) and fsyncs the directory
-  *before* its own rename, so old and new histories never coexist under final
-  names;
+* a snapshot is renamed in first, then removes the old files: a crash in
+  between leaves both histories, and the newest file (the snapshot, which needs
+  no predecessor) wins; the TXIDs never go backwards;
 * retention and compaction remove a prefix, oldest first; any subset of those
   removals may reach the disk, and the files cut off before a gap were on their
   way out.
@@ -98,8 +101,9 @@ def _resolve_chain(
 class LTXLog:
     """The LTX files of one database, as a contiguous chain (see the module docstring)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, clean: bool = False) -> None:
         self.directory = Path(directory)
+        self._clean = clean
         self._writer = threading.Lock()  # serializes mutations, held across their I/O
         self._state = threading.Lock()  # guards the fields below, held briefly
         self._mins: list[int] = []
@@ -144,7 +148,7 @@ class LTXLog:
                     path=str(path),
                     field="filename",
                 )
-        if stray:
+        if stray and self._clean:
             log.warning(
                 "%s: removing %d file(s) outside the chain ending at TXID %d, left by an "
                 "interrupted snapshot, compaction or retention: %s",
@@ -154,9 +158,10 @@ class LTXLog:
                 ", ".join(ltx.format_filename(*e) for e in stray[:5])
                 + (", ..." if len(stray) > 5 else ""),
             )
-        if garbage:
-            log.info("%s: removing %d leftover temporary file(s)", self.directory, len(garbage))
-        remove_files([*garbage, *(self.path_of(mn, mx) for mn, mx in stray)])
+        if self._clean:
+            if garbage:
+                log.info("%s: removing %d leftover temporary file(s)", self.directory, len(garbage))
+            remove_files([*garbage, *(self.path_of(mn, mx) for mn, mx in stray)])
         with self._state:
             self._mins = [mn for mn, _ in chain]
             self._maxs = [mx for _, mx in chain]
@@ -218,16 +223,24 @@ class LTXLog:
     def check(self, header: Header) -> None:
         """Raise LogError unless a file with this header may be appended now.
 
-        A snapshot may always be appended. An incremental file (a deletion file
+        A snapshot may follow anything, as long as it moves the log forward (its
+        max TXID past the last one: TXIDs never go backwards). An incremental file (a deletion file
         is one, with commit 0) must start right after the last file, with a
         pre-apply checksum equal to its post-apply checksum unless either file
         has FLAG_NO_CHECKSUM, and the same page size (unless the last file was
         a deletion). An empty log takes only a snapshot.
         """
-        if header.is_snapshot:
-            return
         name = ltx.format_filename(header.min_txid, header.max_txid)
         last = self._last
+        if header.is_snapshot:
+            if last is not None and header.max_txid <= last[0].max_txid:
+                raise LogError(
+                    f"a snapshot must move the log forward: max TXID {header.max_txid} is not "
+                    f"past the log's last TXID {last[0].max_txid}",
+                    path=name,
+                    field="max_txid",
+                )
+            return
         if last is None:
             raise LogError(
                 f"the log is empty: its first file must be a snapshot, not TXIDs "
@@ -297,14 +310,14 @@ class LTXLog:
                     os.fchmod(f.fileno(), self._mode)
                     os.fsync(f.fileno())
                 final = self.path_of(header.min_txid, header.max_txid)
-                if header.is_snapshot and self._mins:
-                    self._drop_prefix(len(self._mins))
                 os.replace(tmp, final)
                 fsync_dir(self.directory)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
                 raise
+            if header.is_snapshot and self._mins:
+                self._drop_prefix(len(self._mins))  # after the snapshot is durable
             with self._state:
                 self._mins.append(header.min_txid)
                 self._maxs.append(header.max_txid)

@@ -259,18 +259,35 @@ def test_snapshot_replaces_history(tmp_path: Path) -> None:
     assert replay(log.files_after(0) or []) == b"".join(db.pages[p] for p in sorted(db.pages))
 
 
-def test_snapshot_behind_the_log_still_replaces_it(tmp_path: Path) -> None:
-    log, db = chain(tmp_path, commits=4)
-    path = log.append(db.snapshot(txid=2))
-    assert names(log) == [(1, 2)] and on_disk(log.directory) == [path.name]
-    assert log.pos == ltx.Pos(2, db.checksum())
-
-
-def test_snapshot_with_the_name_of_an_existing_file_replaces_it(tmp_path: Path) -> None:
+def test_snapshot_that_does_not_move_the_log_forward_is_refused(tmp_path: Path) -> None:
     log, db = chain(tmp_path, commits=2)
-    log.append(db.snapshot(txid=1, npages=2))
-    assert names(log) == [(1, 1)] and log.pos == ltx.Pos(1, db.checksum())
-    assert LTXLog(log.directory).pos == log.pos
+    before = names(log)
+    with pytest.raises(LogError) as err:
+        log.append(db.snapshot(txid=1, npages=2))
+    assert err.value.field == "max_txid"
+    assert names(log) == before
+
+
+def test_snapshot_lands_before_the_old_history_is_removed(tmp_path: Path) -> None:
+    """A crash between the two leaves both histories; reopening keeps the snapshot's."""
+    log, db = chain(tmp_path, commits=2)  # 1, 2, 3
+    old = [path for _, _, path in log]
+    log.append(db.snapshot(txid=4, npages=2))
+    snapshot = log.path_of(1, 4)
+    # Simulate the crash: the old files are back beside the snapshot.
+    for path in old:
+        path.write_bytes(b"")
+    reopened = LTXLog(log.directory, clean=True)
+    assert names(reopened) == [(1, 4)] and snapshot.exists()
+    assert not any(path.exists() for path in old)
+
+
+def test_a_reader_never_deletes_the_writers_files(tmp_path: Path) -> None:
+    log, _ = chain(tmp_path, commits=1)
+    temp = log.directory / ".ltx.tmp-inflight"
+    temp.write_bytes(b"being written")
+    LTXLog(log.directory)  # a reader (ltxctl, a test) opening the log
+    assert temp.exists()
 
 
 # -- finding files ---------------------------------------------------------------------
@@ -326,7 +343,7 @@ def test_crash_before_rename_leaves_a_temp_file_that_reopen_ignores_and_removes(
     # The crash: the next file was written and fsynced under the temporary name, not renamed.
     (log.directory / f"{TEMP_PREFIX}abc123").write_bytes(db.commit(1))
     (log.directory / f".{ltx.format_filename(9, 9)}.tmp-xyz").write_bytes(b"half")  # atomic_write's
-    again = LTXLog(log.directory)
+    again = LTXLog(log.directory, clean=True)
     assert again.pos == pos and len(again) == 3
     assert on_disk(log.directory) == [ltx.format_filename(i, i) for i in range(1, 4)]
 
@@ -344,7 +361,7 @@ def test_interrupted_compaction_keeps_the_merged_file(tmp_path: Path) -> None:
     for i in (2, 3):
         (log.directory / ltx.format_filename(i, i)).write_bytes(b"an old input")
     (log.directory / ltx.format_filename(1, 1)).write_bytes(FakeDb().snapshot())
-    again = LTXLog(log.directory)
+    again = LTXLog(log.directory, clean=True)
     assert names(again) == [(1, 3), (4, 4), (5, 5)]
     assert on_disk(log.directory) == [log.path_of(*r).name for r in names(again)]
 
@@ -352,7 +369,7 @@ def test_interrupted_compaction_keeps_the_merged_file(tmp_path: Path) -> None:
 def test_interrupted_retention_with_a_gap_keeps_the_newest_run(tmp_path: Path) -> None:
     log, db = chain(tmp_path, commits=4)
     os.unlink(log.path_of(3, 3))  # removals reached the disk out of order
-    again = LTXLog(log.directory)
+    again = LTXLog(log.directory, clean=True)
     assert names(again) == [(4, 4), (5, 5)] and again.pos == ltx.Pos(5, db.checksum())
     assert not log.path_of(1, 1).exists() and not log.path_of(2, 2).exists()
 
