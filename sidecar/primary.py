@@ -64,7 +64,7 @@ class DatabaseWorker:
             seal_timeout=cfg.checkpoint.seal_timeout.total_seconds(),
             node_id=node_id_number(cfg.node_id),
         )
-        self.log = LTXLog(cfg.ltx_dir(name))
+        self.log = LTXLog(cfg.ltx_dir(name), clean=True)
         self.tailer = DatabaseTailer(name, path, self.log, options)
         self.wake = asyncio.Event()
         self._last_error: str | None = None

@@ -620,6 +620,23 @@ class DatabaseTailer:
 
     # -- snapshots, rescans, deletions ------------------------------------------------------
 
+    def _wal_fields(self) -> dict[str, int]:
+        """WAL fields for a file made from the pinned state: the WAL prefix it includes.
+
+        A snapshot or rescan holds the state after every frame up to the current scan
+        offset; recording that range (and the salts) lets a restart check the frames
+        after it exactly as after an ordinary transaction file.
+        """
+        scan = self._scan
+        if scan is None or scan.offset <= WAL_HEADER_SIZE:
+            return {}
+        return {
+            "wal_offset": WAL_HEADER_SIZE,
+            "wal_size": scan.offset - WAL_HEADER_SIZE,
+            "wal_salt1": scan.salt1,
+            "wal_salt2": scan.salt2,
+        }
+
     def _write_snapshot(self, reason: str) -> None:
         """A snapshot of the pinned state at the next TXID (pins must be current)."""
         if self._commit == 0:
@@ -634,6 +651,7 @@ class DatabaseTailer:
             max_txid=txid,
             timestamp=int(time.time() * 1000),
             node_id=self.options.node_id,
+            **self._wal_fields(),
         )
         self._append(header, list(self._pinned_pages()), self._checksum())
         self.state.snapshots += 1
@@ -682,6 +700,7 @@ class DatabaseTailer:
             timestamp=int(time.time() * 1000),
             pre_apply_checksum=pre,
             node_id=self.options.node_id,
+            **self._wal_fields(),
         )
         self._append(header_, changed, self._checksum())
         return 1
