@@ -8,7 +8,7 @@ BENCH_MODE ?= quick
 # Type-check the packages that exist (ltx/ and sidecar/ land in separate steps).
 MYPY_TARGETS := $(wildcard ltx sidecar bench)
 
-.PHONY: test lint bench redis install clean distclean
+.PHONY: test lint bench redis system-deps install clean distclean
 
 install: $(STAMP)
 
@@ -18,26 +18,33 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
-# redis-server is a system package: tests start their own throwaway instance.
-redis:
-	@if command -v redis-server >/dev/null 2>&1; then exit 0; fi; \
+# System packages the tests use: redis-server (tests start their own throwaway instances)
+# and the sqlite3 shell (a writer process in the tailer tests). Installed when missing.
+SYSTEM_TOOLS := redis-server:redis-server sqlite3:sqlite3
+
+system-deps:
+	@missing=; for pair in $(SYSTEM_TOOLS); do \
+		cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+		command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; \
 	elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
-	else echo "make redis: redis-server is not installed and this user cannot install it (not root, no sudo). Install the redis-server package and retry." >&2; exit 1; fi; \
-	echo "make redis: redis-server not found; installing it with apt-get"; \
+	else echo "make: missing system packages:$$missing, and this user cannot install them (not root, no sudo)." >&2; exit 1; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "make redis: redis-server is not installed and apt-get is not available. Install redis-server (Redis >= 6) and retry." >&2; exit 1; fi; \
-	$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends redis-server \
-		|| { echo "make redis: installing redis-server with apt-get failed. Install it by hand and retry." >&2; exit 1; }; \
-	command -v redis-server >/dev/null 2>&1 \
-		|| { echo "make redis: redis-server is still not on PATH after installing it." >&2; exit 1; }
+		echo "make: missing system packages:$$missing, and apt-get is not available: install them and retry." >&2; exit 1; fi; \
+	echo "make: installing$$missing with apt-get"; \
+	$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $$missing \
+		|| { echo "make: installing$$missing with apt-get failed: install them by hand and retry." >&2; exit 1; }
+
+redis: system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(MYPY_TARGETS)
 
-test: $(STAMP) redis
+test: $(STAMP) system-deps
 	$(MAKE) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

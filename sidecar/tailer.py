@@ -7,17 +7,33 @@ behind its back. The rules, enforced below (see ../shared/docs/wal-tailing.md):
 * The pin. A read transaction on our own connection is held between syncs. While it is
   held no checkpoint can reset the WAL: on read slot 0 it blocks all backfill, on slot
   i > 0 it caps backfill at its mark and blocks the reset. So committed frames we have not
-  read yet stay where they are, and only whole committed transactions are read (frames up
-  to the last valid commit frame whose salts and checksum chain verify).
+  read yet stay where they are. The only reset a pin allows comes before anything new is
+  committed after a pin taken on read slot 0 (the WAL was fully backfilled): the next
+  writer's, or an app's RESTART/TRUNCATE checkpoint. It loses nothing the pin did not
+  see, so a pin taken under the seal once the log holds everything the pin sees lets the
+  tailer follow one reset, whatever the new salts. (SQLite adds 1 to salt-1 only when the
+  connection writing the new WAL header has reset a WAL itself: the checkpoint counter is
+  per connection, and a zero one draws random salts, e.g. after another's TRUNCATE.)
+* Only whole, published transactions are read: frames up to the wal-index's mxFrame
+  (read from -shm through a descriptor kept open while the connections are), whose salts
+  and checksum chain verify. The checksum chain alone is not enough: a writer writes (and
+  syncs) its frames, commit frame included, before it publishes them in the wal-index;
+  readers do not see them until then, and if it fails or dies in between, the next writer
+  overwrites them.
 * Checkpoints are ours. A PASSIVE checkpoint runs once `passive_frames` frames are durable
   in LTX files. It is "sealed": we take the write lock (BEGIN IMMEDIATE on a second
   connection, at most `seal_timeout`), read the last frames, release the pin, checkpoint,
   re-take the pin and release the write lock. No commit can happen in between, so no
   committed frame is checkpointed unseen, and app writers wait no longer than the seal.
-  When everything was backfilled, the next writer rewinds the log with salt-1 + 1; that
-  reset is expected and followed. Past `truncate_frames` a TRUNCATE checkpoint runs; it
-  needs the write lock itself, so it runs just after the seal is released, and if a
-  commit slipped into that gap the database is rescanned (below).
+  When everything was backfilled, the next writer rewinds the log; that reset is expected
+  and followed. If SQLite reports more frames in the WAL than were read under the seal
+  (one the tailer could not verify, e.g. a corrupt frame), they were checkpointed unseen:
+  the database is rescanned (below). Past `truncate_frames` frames in one WAL generation a
+  TRUNCATE checkpoint runs; it needs the write lock itself, so it runs just after the seal
+  is released, and if a commit slipped into that gap (PRAGMA data_version on the pin
+  changed) the database is rescanned. TRUNCATE reports (0, 0, 0) when it succeeds, so its
+  frame counts cannot tell. After a checkpoint, the next one waits for `passive_frames`
+  new frames (or the interval).
 * Positions. Each LTX file's pre/post-apply checksums come from a per-page checksum array
   kept incrementally, never by re-reading the database per transaction.
 * What the log cannot explain (a WAL reset we did not expect, a WAL rewritten or
@@ -145,6 +161,7 @@ class DatabaseTailer:
         self._pin: sqlean.Connection | None = None
         self._ctl: sqlean.Connection | None = None
         self._raw: BinaryIO | None = None  # kept open for the process's life (POSIX locks)
+        self._shm: int | None = None  # -shm, read-only; closed only after the connections
         self._ino: tuple[int, int] | None = None
         self._page_size = 0
         self._commit = 0
@@ -153,8 +170,9 @@ class DatabaseTailer:
         self._txid = 0
         self._scan: wal.ScanState | None = None
         self._wal_generation: tuple[int, int] | None = None  # salts of the log we follow
-        self._expect_reset = False
-        self._frames_since_checkpoint = 0
+        self._expect_reset = False  # the pin allows one WAL reset, which loses nothing
+        self._wal_frames = 0  # frames in the WAL generation we follow
+        self._checkpointed_frames = 0  # ... of which were there at our last checkpoint
         self._last_checkpoint = time.monotonic()
         self._deleted = False
 
@@ -176,14 +194,44 @@ class DatabaseTailer:
             raise TailerError(f"{self.path}: database does not exist yet")
         if not is_sqlite_file(self.path) and self.path.stat().st_size > 0:
             raise TailerError(f"{self.path}: not a SQLite database (bad header)")
+        read_only = self._read_only_reason()
+        if read_only is not None:
+            raise TailerError(f"{self.path}: {read_only}")
         try:
             self._connect()
             self._ensure_wal_mode()
             self._reconcile()
+        except sqlean.Error as exc:
+            self.close()
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                text += " (another process holds a lock on it; retrying)"
+            raise TailerError(f"{self.path}: cannot follow the database yet: {text}") from exc
+        except _SealBusy as exc:
+            self.close()
+            raise TailerError(
+                f"{self.path}: the write lock stayed busy, so the log cannot be reconciled "
+                f"with the database yet: {exc} (retrying)"
+            ) from exc
         except BaseException:
             self.close()
             raise
         self.state.error = None
+        self._sync_state()
+
+    def _read_only_reason(self) -> str | None:
+        """Why the sidecar could not write what it must (checkpoints write the database;
+        SQLite creates -wal and -shm beside it), or None."""
+        if not os.access(self.path, os.W_OK):
+            return (
+                "the database file is read-only: the sidecar must write it (WAL mode, checkpoints)"
+            )
+        siblings = (self.wal_path, Path(f"{self.path}-shm"))
+        if not os.access(self.path.parent, os.W_OK) and not all(
+            os.access(p, os.W_OK) for p in siblings
+        ):
+            return "its directory is read-only: SQLite cannot create the -wal and -shm files there"
+        return None
 
     def _connect(self) -> None:
         try:
@@ -231,6 +279,9 @@ class DatabaseTailer:
         if self._raw is not None:
             self._raw.close()
             self._raw = None
+        if self._shm is not None:
+            os.close(self._shm)
+            self._shm = None
 
     # -- pin and seal --------------------------------------------------------------------
 
@@ -252,8 +303,10 @@ class DatabaseTailer:
     def _reconcile(self) -> None:
         with self._seal():
             self._repin()
-            header = self._read_wal_header()
-            wal_bytes = self._read_wal_from(0) if header is not None else b""
+            self._open_shm()
+            header, wal_bytes = self._read_sealed_wal()
+        # Whatever happens below, the log ends at the pinned state: one reset is fine.
+        self._expect_reset = True
         page_size = self._pinned_page_size()
         self._page_size = page_size
         self._load_checksums()
@@ -332,7 +385,8 @@ class DatabaseTailer:
             )
         self._scan = result.state
         self._wal_generation = (header.salt1, header.salt2)
-        self._frames_since_checkpoint = result.state.frame_count
+        self._wal_frames = result.state.frame_count
+        self._checkpointed_frames = 0
         log.info(
             "%s: resumed at TXID %d with %d transaction(s) committed since",
             self.name,
@@ -375,15 +429,16 @@ class DatabaseTailer:
 
     def _follow_wal(self, header: wal.WALHeader | None, wal_bytes: bytes) -> None:
         """Take the WAL as it is now as already reflected in the pinned state."""
+        self._checkpointed_frames = 0
         if header is None:
             self._scan = None
             self._wal_generation = None
-            self._frames_since_checkpoint = 0
+            self._wal_frames = 0
             return
         result = wal.scan(wal_bytes, 0, wal.ScanState.from_header(header))
         self._scan = result.state
         self._wal_generation = (header.salt1, header.salt2)
-        self._frames_since_checkpoint = result.state.frame_count
+        self._wal_frames = result.state.frame_count
 
     # -- reading the database through the pin --------------------------------------------
 
@@ -450,6 +505,48 @@ class DatabaseTailer:
         except FileNotFoundError:
             return b""
 
+    def _read_sealed_wal(self) -> tuple[wal.WALHeader | None, bytes]:
+        """Under the seal, just after a repin: the WAL header and its bytes up to mxFrame."""
+        header = self._read_wal_header()
+        if header is None:
+            return None, b""
+        return header, self._read_wal_from(0, self._committed_end(header))
+
+    def _open_shm(self) -> None:
+        """Open -shm read-only once SQLite has it open; close() closes it after SQLite."""
+        if self._shm is None:
+            try:
+                self._shm = os.open(f"{self.path}-shm", os.O_RDONLY)
+            except OSError as exc:
+                log.warning(
+                    "%s: cannot read the -shm file (%s); reading frames by their checksums only",
+                    self.name,
+                    exc,
+                )
+
+    def _committed_end(self, header: wal.WALHeader) -> int:
+        """WAL offset just past the last frame SQLite has published (wal-index mxFrame).
+
+        -1 when there is no -shm to ask (every valid commit frame is taken). When the
+        wal-index describes another generation than the file's header (a reset being
+        published, or a header rewritten for a transaction that rolled back), nothing of
+        this generation is published yet.
+        """
+        if self._shm is None:
+            return -1
+        for _ in range(1000):
+            data = os.pread(self._shm, wal.WAL_INDEX_HEADER_SIZE, 0)
+            try:
+                index = wal.parse_wal_index_header(data)
+                break
+            except wal.WALError:
+                time.sleep(0)  # a writer is updating it; its two copies differ meanwhile
+        else:
+            return WAL_HEADER_SIZE  # never read consistently: nothing for now
+        if index.salts != header.salts:
+            return WAL_HEADER_SIZE
+        return WAL_HEADER_SIZE + index.mx_frame * header.frame_size
+
     def _wal_size(self) -> int:
         try:
             return self.wal_path.stat().st_size
@@ -470,6 +567,7 @@ class DatabaseTailer:
             self._deleted = False
             self.open()
         if self._database_replaced():
+            self._sync_state()
             return 0
         shipped = self._sync_wal()
         self._maybe_checkpoint()
@@ -503,40 +601,37 @@ class DatabaseTailer:
             return 0
         salts = (header.salt1, header.salt2)
         if self._wal_generation is None or salts != self._wal_generation:
-            expected = (
-                self._expect_reset
-                and self._wal_generation is not None
-                and header.salt1 == (self._wal_generation[0] + 1) & 0xFFFFFFFF
+            # The pin allows one reset (see the module docstring); a generation in which
+            # nothing was committed yet (its header rewritten by a transaction that rolled
+            # back) may be replaced any time. Anything else cannot be explained.
+            expected = self._expect_reset or (
+                self._scan is not None and self._scan.offset == WAL_HEADER_SIZE
             )
             if self._wal_generation is not None and not expected:
                 return self._rescan("the WAL was reset by another process")
             self._scan = wal.ScanState.from_header(header)
             self._wal_generation = salts
             self._expect_reset = False
-            self._frames_since_checkpoint = 0
+            self._wal_frames = 0
+            self._checkpointed_frames = 0
         assert self._scan is not None
+        end = self._committed_end(header)  # -1: no limit
         shipped = 0
-        while True:
-            data = self._read_wal_from(self._scan.offset, _READ_CHUNK)
+        while end < 0 or self._scan.offset < end:
+            want = -1 if end < 0 else end - self._scan.offset
+            data = self._read_wal_from(self._scan.offset, _chunk(want))
             result = wal.scan(data, self._scan.offset, self._scan)
+            if not result.transactions and len(data) == _READ_CHUNK:
+                # A full chunk with no commit: a transaction longer than the chunk.
+                data = self._read_wal_from(self._scan.offset, want)
+                result = wal.scan(data, self._scan.offset, self._scan)
             if result.transactions:
                 self._ship_group(list(result.transactions), pre=self._checksum(), reload=True)
                 shipped += len(result.transactions)
             self._scan = result.state
-            self._frames_since_checkpoint = result.state.frame_count
-            if len(data) < _READ_CHUNK or result.transactions:
-                if len(data) < _READ_CHUNK:
-                    break
-                continue
-            # A full chunk with no commit: a transaction longer than the chunk.
-            data = self._read_wal_from(self._scan.offset)
-            result = wal.scan(data, self._scan.offset, self._scan)
-            if result.transactions:
-                self._ship_group(list(result.transactions), pre=self._checksum(), reload=True)
-                shipped += len(result.transactions)
-            self._scan = result.state
-            self._frames_since_checkpoint = result.state.frame_count
-            break
+            self._wal_frames = result.state.frame_count
+            if not result.transactions or len(data) < _READ_CHUNK:
+                break
         return shipped
 
     def _ship_group(self, txns: list[wal.WALTransaction], *, pre: int, reload: bool) -> None:
@@ -660,9 +755,9 @@ class DatabaseTailer:
         """Re-read the whole database under a fresh pin and ship what differs."""
         with self._seal():
             self._repin()
-            header = self._read_wal_header()
-            wal_bytes = self._read_wal_from(0) if header is not None else b""
+            header, wal_bytes = self._read_sealed_wal()
         self.state.rescans += 1
+        self._expect_reset = True  # the log is brought to the pinned state below
         if self._pinned_page_size() != self._page_size:
             self._page_size = self._pinned_page_size()
             self._load_checksums()
@@ -679,6 +774,9 @@ class DatabaseTailer:
                 changed.append((pgno, data))
             count = pgno
         self._follow_wal(header, wal_bytes)
+        # Checkpoint again only once new frames come (or the interval passes): a WAL this
+        # rescan covers but cannot read (a corrupt frame) must not be rescanned every sync.
+        self._checkpointed_frames = self._wal_frames
         if not changed and count == self._commit:
             log.info("%s: %s; rescanned: the database is unchanged", self.name, reason)
             return 0
@@ -727,12 +825,12 @@ class DatabaseTailer:
     # -- checkpoints -------------------------------------------------------------------------
 
     def _maybe_checkpoint(self) -> None:
-        frames = self._frames_since_checkpoint
-        if frames == 0:
+        new = self._wal_frames - self._checkpointed_frames  # since our last checkpoint
+        if new <= 0:
             return
-        if frames >= self.options.truncate_frames:
+        if self._wal_frames >= self.options.truncate_frames:
             self.checkpoint("TRUNCATE")
-        elif frames >= self.options.passive_frames or (
+        elif new >= self.options.passive_frames or (
             time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval
         ):
             self.checkpoint("PASSIVE")
@@ -750,6 +848,7 @@ class DatabaseTailer:
         except _SealBusy:
             log.debug("%s: checkpoint skipped: the write lock is busy", self.name)
             return None
+        version = 0
         try:
             self._sync_wal()  # the last frames, with writers held off
             sealed_end = self._scan.offset if self._scan is not None else WAL_HEADER_SIZE
@@ -758,30 +857,41 @@ class DatabaseTailer:
             if mode == "PASSIVE":
                 result = self._run_checkpoint("PASSIVE")
                 self._repin()
+            else:
+                version = self._data_version()  # the sealed state, which the log holds
         finally:
             seal.__exit__(None, None, None)
+        slipped = False
         if mode != "PASSIVE":
             try:
                 result = self._run_checkpoint(mode)
+                # Another connection committed after the seal: before the checkpoint took
+                # the write lock (checkpointed, maybe truncated away, unseen), or after it.
+                slipped = self._data_version() != version
             finally:
                 self._repin()
-        busy, wal_frames, done = result
+        wal_frames = result[1]
         self._last_checkpoint = time.monotonic()
         self.state.last_checkpoint = time.time()
         self.state.last_checkpoint_mode = mode
-        if busy == 0 and done == wal_frames:
-            self._expect_reset = True
-            self._frames_since_checkpoint = 0
-        if mode != "PASSIVE" and wal_frames > sealed_frames:
-            # Commits slipped in between the seal and the checkpoint and may have been
-            # checkpointed and truncated away unseen.
+        self._checkpointed_frames = sealed_frames
+        self._expect_reset = True  # the log holds the pinned state, unless rescanned below
+        if wal_frames > sealed_frames:
+            # SQLite has committed frames the tailer could not read (e.g. a corrupt one),
+            # and may have just checkpointed them.
             self._rescan(
-                f"{wal_frames - sealed_frames} frame(s) were committed during a {mode} "
-                f"checkpoint (offset {sealed_end})"
+                f"the {mode} checkpoint found {wal_frames} frame(s) in the WAL, "
+                f"{sealed_frames} of them read (offset {sealed_end})"
             )
+        elif slipped:
+            self._rescan(f"a commit slipped in before the {mode} checkpoint")
         log.debug("%s: %s checkpoint: %s", self.name, mode, result)
         self._sync_state()
         return result
+
+    def _data_version(self) -> int:
+        assert self._pin is not None
+        return int(self._pin.execute("PRAGMA data_version").fetchone()[0])
 
     def _run_checkpoint(self, mode: str) -> tuple[int, int, int]:
         assert self._pin is not None
@@ -800,6 +910,11 @@ class DatabaseTailer:
         s.wal_frames = self._scan.frame_count if self._scan is not None else 0
 
 
+def _chunk(want: int) -> int:
+    """How many WAL bytes to read at once: at most _READ_CHUNK (-1 wants them all)."""
+    return _READ_CHUNK if want < 0 or want > _READ_CHUNK else want
+
+
 class _SealBusy(Exception):
     pass
 
@@ -811,8 +926,12 @@ class _Seal:
         self._conn = conn
         self._timeout = timeout
         self._name = name
+        self._nested = False
 
     def __enter__(self) -> _Seal:
+        if self._conn.in_transaction:  # sealed already (a rescan within a checkpoint)
+            self._nested = True
+            return self
         deadline = time.monotonic() + max(self._timeout, 0.001) * 20
         while True:
             try:
@@ -825,7 +944,7 @@ class _Seal:
                     raise _SealBusy(str(exc)) from exc
 
     def __exit__(self, *exc: object) -> None:
-        if self._conn.in_transaction:
+        if not self._nested and self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
 
 
