@@ -66,7 +66,8 @@ def machine_info() -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class CpuSample:
-    """System-wide CPU ticks (/proc/stat) and this process's CPU time, at one moment."""
+    """System-wide CPU ticks (/proc/stat) and the CPU time of this process and the
+    children it has waited for (a benchmark's writers and daemons are its own load)."""
 
     ticks: tuple[int, ...]  # user nice system idle iowait irq softirq steal
     own_seconds: float
@@ -80,7 +81,9 @@ def cpu_sample() -> CpuSample | None:
         return None
     if first[0] != "cpu" or len(first) < 9:
         return None
-    return CpuSample(tuple(int(x) for x in first[1:9]), time.process_time(), time.perf_counter())
+    times = os.times()
+    own = times.user + times.system + times.children_user + times.children_system
+    return CpuSample(tuple(int(x) for x in first[1:9]), own, time.perf_counter())
 
 
 def conditions(before: CpuSample | None, after: CpuSample | None) -> dict[str, str]:
