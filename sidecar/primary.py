@@ -31,6 +31,7 @@ log = logging.getLogger("ltx_sidecar.primary")
 _SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
 _STATE_INTERVAL = 1.0  # seconds between state.json writes
 _RETENTION_INTERVAL = 10.0
+_BUSY_LOOP = 1.0  # seconds a worker thread may keep syncing before it yields
 
 
 def node_id_number(node_id: str) -> int:
@@ -85,7 +86,11 @@ class DatabaseWorker:
 
     def _step(self) -> None:
         try:
-            self.tailer.sync()
+            # While transactions keep coming, keep syncing in this thread: a hand-off to
+            # the event loop per sync costs more than a sync under a busy writer.
+            deadline = time.monotonic() + _BUSY_LOOP
+            while self.tailer.sync() and time.monotonic() < deadline:
+                pass
         except TailerError as exc:
             self._report(str(exc))
         except Exception as exc:  # keep the daemon alive; the next step retries
@@ -198,6 +203,7 @@ class Primary:
     async def _watch(self, stop: asyncio.Event) -> None:
         debounce_ms = max(1, int(self.cfg.databases.watch_debounce.total_seconds() * 1000))
         watched_dirs = {d.resolve() for d in self.cfg.databases.dirs}
+        routes: dict[str, DatabaseWorker] = {}  # event path -> worker, resolved once
         async for changes in watchfiles.awatch(
             *self._watched_dirs(),
             watch_filter=None,
@@ -207,10 +213,14 @@ class Primary:
             recursive=False,
         ):
             for _change, raw in changes:
-                db = database_of(Path(raw)).resolve()
-                worker = self.workers.get(db)
-                if worker is None and db.parent in watched_dirs and looks_like_sqlite(db):
-                    worker = self._add(db, stop)
+                worker = routes.get(raw)
+                if worker is None:
+                    db = database_of(Path(raw)).resolve()
+                    worker = self.workers.get(db)
+                    if worker is None and db.parent in watched_dirs and looks_like_sqlite(db):
+                        worker = self._add(db, stop)
+                    if worker is not None:
+                        routes[raw] = worker
                 if worker is not None:
                     worker.wake.set()
 

@@ -22,8 +22,10 @@ behind its back. The rules, enforced below (see ../shared/docs/wal-tailing.md):
   overwrites them.
 * Checkpoints are ours. A PASSIVE checkpoint runs once `passive_frames` frames are durable
   in LTX files. It is "sealed": we take the write lock (BEGIN IMMEDIATE on a second
-  connection, at most `seal_timeout`), read the last frames, release the pin, checkpoint,
-  re-take the pin and release the write lock. No commit can happen in between, so no
+  connection, waiting at most `seal_timeout` for it), read the last frames, release the
+  pin, checkpoint, re-take the pin and release the write lock. The bulk of the work (the
+  frames since the last checkpoint, their backfill) is done before, unsealed, behind a
+  fresh pin, so the seal covers only what was committed meanwhile. No commit can happen in between, so no
   committed frame is checkpointed unseen, and app writers wait no longer than the seal.
   When everything was backfilled, the next writer rewinds the log; that reset is expected
   and followed. If SQLite reports more frames in the WAL than were read under the seal
@@ -74,7 +76,12 @@ log = logging.getLogger("ltx_sidecar.tailer")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_HEADER_SIZE = 32
-_READ_CHUNK = 64 << 20  # WAL bytes read per scan; a longer transaction reads more
+_READ_CHUNK = 64 << 20
+_UNSEALED_ROUNDS = 5  # unsealed catch-up rounds before a checkpoint takes the write lock
+_SEALED_FRAMES = 64  # ... until at most this many frames are left for the sealed step
+_SEALED_FRAMES_MAX = 512  # more than this unshipped once sealed: release at once, defer
+_MAX_DEFER = 2.0  # seconds a checkpoint may be put off; then it seals anyway (bounded WAL)
+_PASSIVE_RETRIES = 5  # an unsealed PASSIVE answered busy (another checkpoint) is retried  # WAL bytes read per scan; a longer transaction reads more
 
 
 class TailerError(Exception):
@@ -159,6 +166,7 @@ class DatabaseTailer:
         self.options = options
         self.state = TailerState(name=name, path=str(path))
         self._pin: sqlean.Connection | None = None
+        self._spare: sqlean.Connection | None = None  # the next pin (see _repin)
         self._ctl: sqlean.Connection | None = None
         self._raw: BinaryIO | None = None  # kept open for the process's life (POSIX locks)
         self._shm: int | None = None  # -shm, read-only; closed only after the connections
@@ -174,6 +182,7 @@ class DatabaseTailer:
         self._wal_frames = 0  # frames in the WAL generation we follow
         self._checkpointed_frames = 0  # ... of which were there at our last checkpoint
         self._last_checkpoint = time.monotonic()
+        self._deferred_since: float | None = None  # when busy writers began to put one off
         self._deleted = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -240,6 +249,7 @@ class DatabaseTailer:
             self._ino = (st.st_dev, st.st_ino)
             timeout_ms = max(1, int(self.options.seal_timeout * 1000))
             self._pin = _connect(self.path, timeout_ms)
+            self._spare = _connect(self.path, timeout_ms)
             self._ctl = _connect(self.path, timeout_ms)
         except (OSError, sqlean.Error) as exc:
             raise TailerError(f"{self.path}: cannot open: {exc}") from exc
@@ -267,7 +277,7 @@ class DatabaseTailer:
 
     def close(self) -> None:
         """Release the pin and connections; the raw descriptor goes last."""
-        for conn in (self._pin, self._ctl):
+        for conn in (self._pin, self._spare, self._ctl):
             if conn is not None:
                 try:
                     if conn.in_transaction:
@@ -275,7 +285,7 @@ class DatabaseTailer:
                     conn.close()
                 except sqlean.Error:
                     pass
-        self._pin = self._ctl = None
+        self._pin = self._spare = self._ctl = None
         if self._raw is not None:
             self._raw.close()
             self._raw = None
@@ -286,13 +296,24 @@ class DatabaseTailer:
     # -- pin and seal --------------------------------------------------------------------
 
     def _repin(self) -> None:
-        """End the pinned read transaction and start a new one at the latest commit."""
-        pin = self._pin
-        assert pin is not None
-        if pin.in_transaction:
-            pin.execute("COMMIT")
-        pin.execute("BEGIN")
-        pin.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        """Start a read transaction at the latest commit, then end the old one.
+
+        Two connections take turns, so some pin is held at every moment, and every
+        repin comes after shipping up to the old pin's mark (under the seal, or after a
+        sync). Backfill never passes the oldest pin's mark, and a reset needs the WAL
+        fully backfilled with no pin above read slot 0; so a reset SQLite allows can
+        only drop frames already in the log, and the tailer may follow it.
+        """
+        old, new = self._pin, self._spare
+        assert old is not None and new is not None
+        if new.in_transaction:
+            new.execute("COMMIT")
+        new.execute("BEGIN")
+        new.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        if old.in_transaction:
+            old.execute("COMMIT")
+        self._pin, self._spare = new, old
+        self._expect_reset = True
 
     def _seal(self) -> _Seal:
         assert self._ctl is not None
@@ -349,7 +370,7 @@ class DatabaseTailer:
             # file when the new log began: undo what the new log changed, using the
             # file's pages, and the checksum must come out as the log's.
             result = (
-                wal.scan(wal_bytes, 0, wal.ScanState.from_header(header))
+                self._scan_wal(wal_bytes, 0, wal.ScanState.from_header(header))
                 if header is not None
                 else None
             )
@@ -368,7 +389,7 @@ class DatabaseTailer:
                 self._ship_group(after, pre=pos.post_apply_checksum, reload=False)
             return None
         assert header is not None
-        result = wal.scan(wal_bytes, 0, wal.ScanState.from_header(header))
+        result = self._scan_wal(wal_bytes, 0, wal.ScanState.from_header(header))
         if result.state.offset < end:
             return "the WAL no longer holds the frames of the last LTX file"
         upto = [t for t in result.transactions if t.end_offset <= end]
@@ -435,7 +456,7 @@ class DatabaseTailer:
             self._wal_generation = None
             self._wal_frames = 0
             return
-        result = wal.scan(wal_bytes, 0, wal.ScanState.from_header(header))
+        result = self._scan_wal(wal_bytes, 0, wal.ScanState.from_header(header))
         self._scan = result.state
         self._wal_generation = (header.salt1, header.salt2)
         self._wal_frames = result.state.frame_count
@@ -504,6 +525,19 @@ class DatabaseTailer:
                 return f.read(limit)
         except FileNotFoundError:
             return b""
+
+    def _scan_wal(
+        self, data: bytes, offset: int, state: wal.ScanState, *, bounded: bool | None = None
+    ) -> wal.ScanResult:
+        """Scan WAL bytes; bytes bounded by the wal-index mxFrame are not re-checksummed.
+
+        SQLite publishes mxFrame only after the frames are written and synced, and its
+        own readers trust them without checksums; recomputing SQLite's checksum in
+        Python was most of the tailer's CPU. Without -shm every checksum is verified.
+        """
+        if bounded is None:
+            bounded = self._shm is not None
+        return wal.scan(data, offset, state, verify=not bounded)
 
     def _read_sealed_wal(self) -> tuple[wal.WALHeader | None, bytes]:
         """Under the seal, just after a repin: the WAL header and its bytes up to mxFrame."""
@@ -620,11 +654,11 @@ class DatabaseTailer:
         while end < 0 or self._scan.offset < end:
             want = -1 if end < 0 else end - self._scan.offset
             data = self._read_wal_from(self._scan.offset, _chunk(want))
-            result = wal.scan(data, self._scan.offset, self._scan)
+            result = self._scan_wal(data, self._scan.offset, self._scan, bounded=end >= 0)
             if not result.transactions and len(data) == _READ_CHUNK:
                 # A full chunk with no commit: a transaction longer than the chunk.
                 data = self._read_wal_from(self._scan.offset, want)
-                result = wal.scan(data, self._scan.offset, self._scan)
+                result = self._scan_wal(data, self._scan.offset, self._scan, bounded=end >= 0)
             if result.transactions:
                 self._ship_group(list(result.transactions), pre=self._checksum(), reload=True)
                 shipped += len(result.transactions)
@@ -641,12 +675,13 @@ class DatabaseTailer:
         it already holds the state after them (start-up resume).
         """
         pages: dict[int, bytes] = {}
+        previous_commit = txns[0].commit_size
         for txn in txns:
-            for pgno, data in txn.pages.items():
-                pages[pgno] = data
-            if txn.commit_size < max(pages, default=0):
+            pages.update(txn.pages)
+            if txn.commit_size < previous_commit:  # shrank: drop pages past the new end
                 for pgno in [p for p in pages if p > txn.commit_size]:
                     del pages[pgno]
+            previous_commit = txn.commit_size
         commit = txns[-1].commit_size
         if reload:
             self._advance(pages, commit)
@@ -842,25 +877,52 @@ class DatabaseTailer:
         policy tries again on a later sync.
         """
         assert self._pin is not None
+        now = time.monotonic()
+        forced = self._deferred_since is not None and now - self._deferred_since >= _MAX_DEFER
+        ready = self._backfill_shipped()
+        if not ready and mode == "PASSIVE" and not forced:
+            self._defer("writers commit faster than the tailer catches up")
+            return None
         try:
             seal = self._seal()
             seal.__enter__()
         except _SealBusy:
             log.debug("%s: checkpoint skipped: the write lock is busy", self.name)
             return None
+        sealed_at = time.monotonic()
+        if mode == "PASSIVE" and not forced and self._unshipped_frames() > _SEALED_FRAMES_MAX:
+            seal.__exit__(None, None, None)  # held for a moment only
+            self._defer("too many frames arrived before the write lock was taken")
+            return None
+        self._deferred_since = None
         version = 0
+        frames_before = self._scan.frame_count if self._scan is not None else 0
+        synced_at = checkpointed_at = sealed_at
         try:
             self._sync_wal()  # the last frames, with writers held off
+            synced_at = time.monotonic()
             sealed_end = self._scan.offset if self._scan is not None else WAL_HEADER_SIZE
             sealed_frames = self._scan.frame_count if self._scan is not None else 0
             self._pin.execute("COMMIT")
             if mode == "PASSIVE":
                 result = self._run_checkpoint("PASSIVE")
+                checkpointed_at = time.monotonic()
                 self._repin()
             else:
                 version = self._data_version()  # the sealed state, which the log holds
         finally:
             seal.__exit__(None, None, None)
+            now = time.monotonic()
+            log.debug(
+                "%s: write lock held %.1f ms for a %s checkpoint (read %d frame(s) in %.1f "
+                "ms, checkpoint %.1f ms)",
+                self.name,
+                (now - sealed_at) * 1000,
+                mode,
+                max(0, sealed_frames - frames_before) if self._scan is not None else 0,
+                (synced_at - sealed_at) * 1000,
+                (checkpointed_at - synced_at) * 1000 if mode == "PASSIVE" else 0.0,
+            )
         slipped = False
         if mode != "PASSIVE":
             try:
@@ -888,6 +950,61 @@ class DatabaseTailer:
         log.debug("%s: %s checkpoint: %s", self.name, mode, result)
         self._sync_state()
         return result
+
+    def _backfill_shipped(self) -> bool:
+        """The bulk of a checkpoint, without the seal, so app writers are not held up.
+
+        A fresh pin's read mark covers every frame published so far; shipping up to
+        mxFrame then covers the mark, and a PASSIVE checkpoint backfills only up to the
+        mark: every frame it copies is already in the log. The new pin sits on a read
+        slot above 0 (the frames since the last checkpoint are not backfilled yet), so no
+        reset can happen. The sealed step that follows handles only the frames committed
+        in between, and still rescans if SQLite holds frames the tailer could not read.
+        Returns False when the backfill could not run (another checkpoint kept it busy)
+        or writers commit too fast to leave the sealed step little to do: the checkpoint
+        then waits for a later sync (for at most _MAX_DEFER seconds).
+        """
+        assert self._ctl is not None and not self._ctl.in_transaction
+        self._repin()
+        self._sync_wal()
+        if not self._passive_unsealed():
+            return False
+        # A busy writer kept committing meanwhile: catch up (no backfill, no fsync of the
+        # database) until little is left for the sealed step.
+        for _ in range(_UNSEALED_ROUNDS):
+            if self._unshipped_frames() <= _SEALED_FRAMES:
+                return True
+            self._repin()
+            self._sync_wal()
+        return self._unshipped_frames() <= _SEALED_FRAMES
+
+    def _passive_unsealed(self) -> bool:
+        """PASSIVE up to the pin's mark on the control connection; True once it ran.
+
+        PASSIVE never waits: it answers busy while another connection checkpoints,
+        as an app's autocheckpoint does after its commits. Retry briefly.
+        """
+        assert self._ctl is not None
+        for attempt in range(_PASSIVE_RETRIES):
+            busy = int(self._ctl.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0])
+            if busy == 0:
+                return True
+            time.sleep(0.001 * (attempt + 1))
+        return False
+
+    def _unshipped_frames(self) -> int:
+        """Frames SQLite has published beyond what the tailer has read (0 if unknown)."""
+        header = self._read_wal_header()
+        if header is None or self._scan is None or header.salts != self._wal_generation:
+            return 0
+        end = self._committed_end(header)
+        return max(0, (end - self._scan.offset) // header.frame_size) if end >= 0 else 0
+
+    def _defer(self, why: str) -> None:
+        """Put the checkpoint off to a later sync (for at most _MAX_DEFER seconds)."""
+        if self._deferred_since is None:
+            self._deferred_since = time.monotonic()
+        log.debug("%s: checkpoint deferred: %s", self.name, why)
 
     def _data_version(self) -> int:
         assert self._pin is not None
