@@ -512,13 +512,18 @@ def scan(
     unpack_header = _FRAME_HEADER.unpack_from
 
     transactions: list[WALTransaction] = []
-    committed = state
     repeats = 0
     txn_start = pos
     txn_pages: dict[int, bytes] = {}
     txn_frames = 0
     stop = StopReason.END_OF_DATA
     end = len(mv)
+    # The resume point and the last commit frame, kept as plain locals: building objects
+    # per commit frame was a large part of the cost under single-row transactions.
+    committed_pos = -1
+    committed_s0, committed_s1 = s0, s1
+    last_key = (last.pgno, last.commit_size, last.page) if last is not None else None
+    append = transactions.append
 
     while pos + frame_size <= end:
         pgno, commit_size, fsalt1, fsalt2, c0, c1 = unpack_header(mv, pos)
@@ -541,17 +546,11 @@ def scan(
         txn_frames += 1
         if not commit_size:
             continue
-        if (
-            txn_frames == 1
-            and last is not None
-            and last.pgno == pgno
-            and last.commit_size == commit_size
-            and last.page == image
-        ):
+        if txn_frames == 1 and last_key is not None and last_key == (pgno, commit_size, image):
             repeats += 1
         else:
-            last = CommitFrame(pgno, commit_size, image)
-            transactions.append(
+            last_key = (pgno, commit_size, image)
+            append(
                 WALTransaction(
                     first_offset=start_offset + txn_start,
                     end_offset=start_offset + pos,
@@ -564,20 +563,24 @@ def scan(
                     checksum2=s1,
                 )
             )
-        committed = ScanState(
-            offset=start_offset + pos,
-            salt1=salt1,
-            salt2=salt2,
-            checksum1=s0,
-            checksum2=s1,
-            page_size=page_size,
-            big_endian=big_endian,
-            last_commit=last,
-        )
+        committed_pos, committed_s0, committed_s1 = pos, s0, s1
         txn_start = pos
         txn_pages = {}
         txn_frames = 0
 
+    committed = state
+    if committed_pos >= 0:
+        assert last_key is not None
+        committed = ScanState(
+            offset=start_offset + committed_pos,
+            salt1=salt1,
+            salt2=salt2,
+            checksum1=committed_s0,
+            checksum2=committed_s1,
+            page_size=page_size,
+            big_endian=big_endian,
+            last_commit=CommitFrame(*last_key),
+        )
     return ScanResult(
         transactions=tuple(transactions),
         state=committed,
