@@ -69,6 +69,7 @@ import sqlean
 
 import ltx
 from ltx import CHECKSUM_FLAG, EMPTY_DB_CHECKSUM, Encoder, Header, lock_pgno, page_checksum
+from ltx.encoder import Writable
 from sidecar import wal
 from sidecar.log import LTXLog
 
@@ -837,6 +838,38 @@ class DatabaseTailer:
         )
         self._append(header_, changed, self._checksum())
         return 1
+
+    def snapshot_to(self, out: Writable) -> ltx.Pos:
+        """Write a snapshot of the database at the log's last TXID to `out`.
+
+        For a replica that is new or behind what retention kept: the snapshot is made on
+        demand rather than kept. Under the seal the log is brought to the end of the WAL
+        and the pin moved there, so the pinned pages are exactly the state at the last
+        TXID; the encoder recomputes the checksum from the pages, so a log that disagreed
+        with the database would fail here rather than reach a replica.
+        """
+        if self._pin is None:
+            self.open()
+        with self._seal():
+            self._sync_wal()
+            self._repin()
+        self._sync_state()
+        if self._txid == 0 or self._commit == 0:
+            raise TailerError(f"{self.path}: nothing to snapshot yet (no pages)")
+        header = Header(
+            page_size=self._page_size,
+            commit=self._commit,
+            min_txid=1,
+            max_txid=self._txid,
+            timestamp=int(time.time() * 1000),
+            node_id=self.options.node_id,
+            **self._wal_fields(),
+        )
+        encoder = Encoder(out, header)
+        for pgno, data in self._pinned_pages():
+            encoder.write_page(pgno, data)
+        trailer = encoder.finish(self._checksum())
+        return ltx.Pos(self._txid, trailer.post_apply_checksum)
 
     def _write_deletion(self, reason: str) -> None:
         if self._txid == 0:
