@@ -379,15 +379,7 @@ class DatabaseTailer:
             at_end = self._checksum_before(after, [], last.commit) if after else self._checksum()
             if at_end != pos.post_apply_checksum:
                 return "the WAL was reset or rewritten while the sidecar was not running"
-            self._follow_wal(header, wal_bytes)
-            log.info(
-                "%s: resumed at TXID %d (new WAL generation) with %d transaction(s) since",
-                self.name,
-                pos.txid,
-                len(after),
-            )
-            if after:
-                self._ship_group(after, pre=pos.post_apply_checksum, reload=False)
+            self._resume(pos, header, result, after, " (new WAL generation)")
             return None
         assert header is not None
         result = self._scan_wal(wal_bytes, 0, wal.ScanState.from_header(header))
@@ -405,19 +397,7 @@ class DatabaseTailer:
                 f"the database at the last LTX file has checksum {at_end:016x}, "
                 f"the log says {pos.post_apply_checksum:016x}"
             )
-        self._scan = result.state
-        self._wal_generation = (header.salt1, header.salt2)
-        self._wal_frames = result.state.frame_count
-        self._checkpointed_frames = 0
-        log.info(
-            "%s: resumed at TXID %d with %d transaction(s) committed since",
-            self.name,
-            pos.txid,
-            len(after),
-        )
-        if after:
-            # The checksum array holds the current state; ship the rest as one file.
-            self._ship_group(after, pre=pos.post_apply_checksum, reload=False)
+        self._resume(pos, header, result, after, "")
         return None
 
     def _checksum_before(
@@ -451,16 +431,47 @@ class DatabaseTailer:
 
     def _follow_wal(self, header: wal.WALHeader | None, wal_bytes: bytes) -> None:
         """Take the WAL as it is now as already reflected in the pinned state."""
+        result = (
+            self._scan_wal(wal_bytes, 0, wal.ScanState.from_header(header))
+            if header is not None
+            else None
+        )
+        self._follow_scan(header, result)
+
+    def _follow_scan(self, header: wal.WALHeader | None, result: wal.ScanResult | None) -> None:
+        """Continue reading the WAL after what `result` (a scan of it from the start) read."""
         self._checkpointed_frames = 0
-        if header is None:
+        if header is None or result is None:
             self._scan = None
             self._wal_generation = None
             self._wal_frames = 0
             return
-        result = self._scan_wal(wal_bytes, 0, wal.ScanState.from_header(header))
         self._scan = result.state
         self._wal_generation = (header.salt1, header.salt2)
         self._wal_frames = result.state.frame_count
+
+    def _resume(
+        self,
+        pos: ltx.Pos,
+        header: wal.WALHeader | None,
+        result: wal.ScanResult | None,
+        after: list[wal.WALTransaction],
+        how: str,
+    ) -> None:
+        """Continue the log at pos and ship what was committed after it, as one file.
+
+        The checksum array already holds the current state (reload=False).
+        """
+        self._follow_scan(header, result)
+        log.info(
+            "%s: resumed at TXID %d%s with %d transaction(s) committed since",
+            self.name,
+            pos.txid,
+            how,
+            len(after),
+        )
+        if after:
+            self._ship_group(after, pre=pos.post_apply_checksum, reload=False)
 
     # -- reading the database through the pin --------------------------------------------
 
