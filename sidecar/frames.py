@@ -475,10 +475,9 @@ class LtxFragment(_FrameBase):
 
 
 @dataclass(frozen=True, slots=True)
-class Ready(_FrameBase):
-    """Sent once, after the primary's first pass over every database."""
+class _MarkFrame(_FrameBase):
+    """A frame that is only its type and epoch (no payload)."""
 
-    TYPE: ClassVar[int] = FrameType.READY
     epoch: int
 
     def __post_init__(self) -> None:
@@ -490,6 +489,13 @@ class Ready(_FrameBase):
     @classmethod
     def _parse(cls, epoch: int, r: _Reader) -> Self:
         return cls(epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(_MarkFrame):
+    """Sent once, after the primary's first pass over every database."""
+
+    TYPE: ClassVar[int] = FrameType.READY
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,21 +554,10 @@ class Resync(_FrameBase):
 
 
 @dataclass(frozen=True, slots=True)
-class End(_FrameBase):
+class End(_MarkFrame):
     """A clean end of the stream; nothing may follow it."""
 
     TYPE: ClassVar[int] = FrameType.END
-    epoch: int
-
-    def __post_init__(self) -> None:
-        _uint(self.epoch, 64, "epoch")
-
-    def _payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def _parse(cls, epoch: int, r: _Reader) -> Self:
-        return cls(epoch)
 
 
 @dataclass(frozen=True, slots=True)
