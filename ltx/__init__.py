@@ -4,10 +4,11 @@ A pure library: it takes bytes or binary streams and returns values. See
 docs in the README and ../shared/docs/ltx-format.md for the format itself.
 """
 
-from ltx.apply import apply_ltx, database_page_size
+from ltx.apply import SQLITE_MAGIC, apply_ltx, database_page_size, header_page_size
 from ltx.checksum import (
     CHECKSUM_FLAG,
     EMPTY_DB_CHECKSUM,
+    PageChecksums,
     checksum_file,
     crc64,
     database_checksum,
@@ -56,6 +57,7 @@ __all__ = [
     "FLAG_COMPRESS_LZ4",
     "FLAG_NO_CHECKSUM",
     "HEADER_SIZE",
+    "SQLITE_MAGIC",
     "TRAILER_SIZE",
     "ChecksumError",
     "Decoder",
@@ -65,6 +67,7 @@ __all__ = [
     "IndexEntry",
     "LTXError",
     "Page",
+    "PageChecksums",
     "PageError",
     "PageIndexError",
     "Pos",
@@ -82,6 +85,7 @@ __all__ = [
     "detect_versions",
     "format_filename",
     "format_txid",
+    "header_page_size",
     "lock_pgno",
     "open_decoder",
     "page_checksum",

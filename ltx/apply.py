@@ -20,12 +20,20 @@ from ltx.header import Header, Trailer
 _U16 = struct.Struct(">H")
 
 
-def database_page_size(head: bytes) -> int | None:
-    """Page size from a SQLite header (offset 16, 1 means 65536); None if not SQLite."""
-    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
-        return None
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def header_page_size(head: bytes) -> int:
+    """The page size field of a SQLite header (u16 at offset 16, 1 means 65536), unchecked."""
     value = _U16.unpack_from(head, 16)[0]
     return 65536 if value == 1 else value
+
+
+def database_page_size(head: bytes) -> int | None:
+    """Page size from a SQLite header; None if the bytes are not a SQLite header."""
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        return None
+    return header_page_size(head)
 
 
 def apply_ltx(

@@ -90,7 +90,6 @@ import shutil
 import struct
 import tempfile
 import threading
-from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,13 +98,20 @@ from typing import IO, Any, BinaryIO, NoReturn
 import sqlean
 
 import ltx
-from ltx import CHECKSUM_FLAG, EMPTY_DB_CHECKSUM, Header, Pos, Trailer, lock_pgno, page_checksum
+from ltx import (
+    EMPTY_DB_CHECKSUM,
+    SQLITE_MAGIC,
+    Header,
+    PageChecksums,
+    Pos,
+    Trailer,
+    page_checksum,
+)
 from sidecar.fileutil import atomic_write
 from sidecar.log import LogError, LTXLog
 
 log = logging.getLogger("ltx_sidecar.apply")
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 # Bytes of page 1 SQLite rewrites on every commit that writes page 1 (change counter,
 # version-valid-for, library version): a replica's own values, not the primary's.
 STAMPED_RANGES = ((24, 28), (92, 96), (96, 100))
@@ -240,8 +246,7 @@ class _Physical:
 
     page_size: int
     count: int
-    sums: array[int]
-    acc: int  # XOR of the checksums of pages 2..count (lock page excluded)
+    sums: PageChecksums  # page 1 held as 0
     page1: bytes | None
     data_version: int
 
@@ -291,9 +296,7 @@ class ReplicaDatabase:
         self._txid = 0
         self._pos_checksum = 0  # the position's checksum (0 before any file)
         self._page_size = 0
-        self._commit = 0
-        self._sums = array("Q", [0])  # index pgno; 0 unused
-        self._acc = 0
+        self._sums = PageChecksums(4096)  # per-page checksums of the logical state
         self._page1: bytes | None = None
         self._deleted = False
         self._problem: str | None = None
@@ -326,7 +329,7 @@ class ReplicaDatabase:
     @property
     def checksum(self) -> int:
         """The logical database checksum, from the checksum array."""
-        return CHECKSUM_FLAG | self._acc if self._commit else EMPTY_DB_CHECKSUM
+        return self._sums.checksum()
 
     @property
     def page_size(self) -> int:
@@ -335,7 +338,7 @@ class ReplicaDatabase:
     @property
     def page_count(self) -> int:
         """Pages in the logical database (the last file's commit)."""
-        return self._commit
+        return self._sums.pages
 
     @property
     def deleted(self) -> bool:
@@ -358,7 +361,7 @@ class ReplicaDatabase:
             "txid": f"{self._txid:016x}",
             "checksum": f"{self._pos_checksum:016x}",
             "page_size": self._page_size,
-            "pages": self._commit,
+            "pages": self._sums.pages,
             "deleted": self._deleted,
             "problem": self._problem,
             "write_lock_held": self._held,
@@ -449,47 +452,33 @@ class ReplicaDatabase:
         with self._read_txn():
             page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
             version = self._read_data_version()
-            lock = lock_pgno(page_size)
-            sums = array("Q", [0])
-            acc = 0
+            sums = PageChecksums(page_size)
             page1: bytes | None = None
-            count = 0
             if self._page_count() > 0:
                 cursor = conn.execute("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno")
                 for pgno_, data in cursor:
                     pgno = int(pgno_)
-                    while len(sums) < pgno:
-                        sums.append(0)
                     if pgno == 1:
                         page1 = bytes(data)
-                        sums.append(0)
-                    elif pgno == lock:
-                        sums.append(0)
+                        sums.set(1, 0)  # page 1 is compared apart (SQLite stamps it)
                     else:
-                        value = page_checksum(pgno, data)
-                        sums.append(value)
-                        acc ^= value
-                    count = pgno
-        return _Physical(page_size, count, sums, acc, page1, version)
+                        sums.set(pgno, page_checksum(pgno, data))
+        return _Physical(page_size, sums.pages, sums, page1, version)
 
     # -- the logical state -----------------------------------------------------------------
 
     def _set_empty(self, pos: Pos, *, deleted: bool) -> None:
         self._txid = pos.txid
         self._pos_checksum = pos.post_apply_checksum
-        self._commit = 0
-        self._sums = array("Q", [0])
-        self._acc = 0
+        self._sums = PageChecksums(self._page_size or 4096)
         self._page1 = None
         self._deleted = deleted
 
     def _adopt(self, phys: _Physical, page1: bytes, pos: Pos) -> None:
         """Take the database's pages, with ``page1`` as the logical page 1, as the state."""
-        sums = array("Q", phys.sums)
-        sums[1] = page_checksum(1, page1)
+        sums = phys.sums.copy()
+        sums.set(1, page_checksum(1, page1))
         self._sums = sums
-        self._acc = phys.acc ^ sums[1]
-        self._commit = phys.count
         self._page_size = phys.page_size
         self._page1 = page1
         self._txid = pos.txid
@@ -578,7 +567,9 @@ class ReplicaDatabase:
             if not physical_matches(phys.page1, image):
                 continue
             fits = True
-            checksum = CHECKSUM_FLAG | phys.acc ^ page_checksum(1, image)
+            candidate = phys.sums.copy()
+            candidate.set(1, page_checksum(1, image))
+            checksum = candidate.checksum()
             if not verify or checksum == pos.post_apply_checksum:
                 self._adopt(phys, image, pos)
                 return None
@@ -737,7 +728,7 @@ class ReplicaDatabase:
                     f"checksum {current:016x} at TXID {self._txid}",
                     path=p.name,
                 )
-            if h.commit > 0 and self._commit > 0 and h.page_size != self._page_size:
+            if h.commit > 0 and self._sums.pages > 0 and h.page_size != self._page_size:
                 raise ApplyError(
                     f"page size {h.page_size} differs from the replica's {self._page_size}",
                     path=p.name,
@@ -762,28 +753,13 @@ class ReplicaDatabase:
                 ) from exc
 
     def _predict(self, p: _Prepared) -> int:
-        """The logical checksum after the file, from the array and the file's pages."""
+        """The logical checksum after the file, from the checksums and the file's pages."""
         h = p.header
-        if h.commit == 0:
-            return EMPTY_DB_CHECKSUM
-        acc = 0
-        if h.is_snapshot:
-            for value in p.sums.values():
-                acc ^= value
-            return CHECKSUM_FLAG | acc
-        lock = lock_pgno(h.page_size)
-        sums, old, commit = self._sums, self._commit, h.commit
-        acc = self._acc
-        for pgno in range(commit + 1, old + 1):
-            acc ^= sums[pgno]
-        for pgno, value in p.sums.items():
-            acc ^= (sums[pgno] if pgno <= old else 0) ^ value
-        p.gap = [n for n in range(old + 1, commit + 1) if n not in p.sums and n != lock]
-        if p.gap:
-            zeros = bytes(h.page_size)
-            for pgno in p.gap:
-                acc ^= page_checksum(pgno, zeros)
-        return CHECKSUM_FLAG | acc
+        base = self._sums
+        if h.is_snapshot or base.pages == 0 or base.page_size != h.page_size:
+            base = PageChecksums(h.page_size)  # a snapshot replaces everything
+        p.gap = base.growth_gap(p.sums, h.commit)
+        return base.after(p.sums, h.commit)
 
     def _prime(self) -> int:
         """Outside any transaction: load the schema, then drop every cached page.
@@ -906,33 +882,9 @@ class ReplicaDatabase:
     def _advance(self, p: _Prepared) -> None:
         """Move the logical state through a file that was just committed."""
         h = p.header
-        if h.is_snapshot:
-            sums = array("Q", bytes(8 * (h.commit + 1)))
-            acc = 0
-            for pgno, value in p.sums.items():
-                sums[pgno] = value
-                acc ^= value
-            self._sums, self._acc = sums, acc
-        else:
-            sums, old = self._sums, self._commit
-            acc = self._acc
-            for pgno in range(h.commit + 1, old + 1):
-                acc ^= sums[pgno]
-            if h.commit < old:
-                del sums[h.commit + 1 :]
-            elif h.commit > old:
-                sums.frombytes(bytes(8 * (h.commit - old)))
-            for pgno, value in p.sums.items():
-                acc ^= sums[pgno] ^ value
-                sums[pgno] = value
-            if p.gap:
-                zeros = bytes(h.page_size)
-                for pgno in p.gap:
-                    value = page_checksum(pgno, zeros)
-                    acc ^= sums[pgno] ^ value
-                    sums[pgno] = value
-            self._acc = acc
-        self._commit = h.commit
+        if h.is_snapshot or self._sums.pages == 0 or self._sums.page_size != h.page_size:
+            self._sums = PageChecksums(h.page_size)
+        self._sums.update(p.sums, h.commit)  # growth gap pages become zero pages
         self._page_size = h.page_size
         if p.page1 is not None:
             self._page1 = p.page1
@@ -1038,7 +990,7 @@ class ReplicaDatabase:
                     f"WAL mode gave {mode!r}: other connections hold the replica open",
                     path=str(self.path),
                 )
-            if self._commit > 0:
+            if self._sums.pages > 0:
                 self._problem = "the database was emptied to change its page size"
             self._write_empty(wal=False)
             conn.execute(f"PRAGMA page_size={page_size}")
@@ -1061,12 +1013,12 @@ class ReplicaDatabase:
     def _difference(self) -> str | None:
         """How the database differs from the logical state (a full scan), or None."""
         phys = self._read_physical()
-        if self._commit == 0:
+        if self._sums.pages == 0:
             return None if _physically_empty(phys) else "the database should have no tables"
         if phys.page_size != self._page_size:
             return f"page size {phys.page_size}, want {self._page_size}"
-        if phys.count != self._commit:
-            return f"the database has {phys.count} pages, want {self._commit}"
+        if phys.count != self._sums.pages:
+            return f"the database has {phys.count} pages, want {self._sums.pages}"
         assert self._page1 is not None
         if phys.page1 is None or not physical_matches(phys.page1, self._page1):
             return "page 1 differs"

@@ -536,12 +536,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # -- checksum -------------------------------------------------------------------------
 
 
-def _database_page_size(head: bytes) -> int:
-    """The page size in a database header (u16 at offset 16, 1 meaning 65536)."""
-    value = int.from_bytes(head[16:18], "big")
-    return 65536 if value == 1 else value
-
-
 def _add_checksum_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("db", metavar="DBFILE", help="SQLite database file")
 
@@ -564,7 +558,7 @@ def cmd_checksum(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"{path}: file is {len(head)} bytes, shorter than the 100-byte database header"
             )
-        page_size = _database_page_size(head)
+        page_size = ltx.header_page_size(head)
         if not is_valid_page_size(page_size):
             raise CommandError(f"{path}: invalid page size {page_size} in the database header")
         if size % page_size:
@@ -642,8 +636,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 # -- encode-db ------------------------------------------------------------------------
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
 ENCODE_FORMATS: dict[str, tuple[ltx.Version, int]] = {
     "v3": (ltx.Version.V3, 0),
     "v1": (ltx.Version.V1, 0),
@@ -662,9 +654,9 @@ def _read_database_geometry(f: BinaryIO, size: int) -> tuple[int, int]:
     head = f.read(100)
     if not head:
         raise CommandError("read database header: empty database")
-    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+    page_size = ltx.database_page_size(head)
+    if page_size is None:
         raise CommandError("read database header: invalid database header")
-    page_size = _database_page_size(head)
     if not is_valid_page_size(page_size):
         raise CommandError(f"read database header: invalid page size {page_size}")
     page_count = size // page_size

@@ -34,6 +34,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
+from ltx import SQLITE_MAGIC
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -79,7 +81,6 @@ def validate_db_name(name: str) -> str:
     return name
 
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 EMPTY_DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 
 
@@ -98,6 +99,17 @@ def looks_like_sqlite(path: Path) -> bool:
             return False
         if st.st_size == 0:
             return path.name.endswith(EMPTY_DB_SUFFIXES)
+    except OSError:
+        return False
+    return has_sqlite_magic(path)
+
+
+def has_sqlite_magic(path: Path) -> bool:
+    """Whether the file starts with the SQLite magic (False if it cannot be read).
+
+    Opens a plain descriptor: only for files this process has not opened with SQLite.
+    """
+    try:
         with open(path, "rb") as f:
             return f.read(16) == SQLITE_MAGIC
     except OSError:

@@ -59,7 +59,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,14 +67,14 @@ from typing import Any, BinaryIO
 import sqlean
 
 import ltx
-from ltx import CHECKSUM_FLAG, EMPTY_DB_CHECKSUM, Encoder, Header, lock_pgno, page_checksum
+from ltx import EMPTY_DB_CHECKSUM, Encoder, Header, PageChecksums, lock_pgno, page_checksum
 from ltx.encoder import Writable
 from sidecar import wal
+from sidecar.config import has_sqlite_magic
 from sidecar.log import LTXLog
 
 log = logging.getLogger("ltx_sidecar.tailer")
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_HEADER_SIZE = 32
 _READ_CHUNK = 64 << 20
 _UNSEALED_ROUNDS = 5  # unsealed catch-up rounds before a checkpoint takes the write lock
@@ -143,19 +142,6 @@ class TailerState:
         }
 
 
-def is_sqlite_file(path: Path) -> bool:
-    """True when the file starts with the SQLite magic (read through a short-lived fd).
-
-    Only for files the process has not opened with SQLite: closing a descriptor drops
-    the process's POSIX locks on that file.
-    """
-    try:
-        with path.open("rb") as f:
-            return f.read(16) == SQLITE_MAGIC
-    except OSError:
-        return False
-
-
 class DatabaseTailer:
     """Follows one database's WAL and appends its transactions to an LTX log."""
 
@@ -173,9 +159,7 @@ class DatabaseTailer:
         self._shm: int | None = None  # -shm, read-only; closed only after the connections
         self._ino: tuple[int, int] | None = None
         self._page_size = 0
-        self._commit = 0
-        self._checksums = array("Q")  # index pgno; 0 unused
-        self._acc = 0  # XOR of page checksums, without the flag bit forced
+        self._sums = PageChecksums(4096)  # the logical state the log has reached
         self._txid = 0
         self._scan: wal.ScanState | None = None
         self._wal_generation: tuple[int, int] | None = None  # salts of the log we follow
@@ -202,7 +186,7 @@ class DatabaseTailer:
             return
         if not self.path.exists():
             raise TailerError(f"{self.path}: database does not exist yet")
-        if not is_sqlite_file(self.path) and self.path.stat().st_size > 0:
+        if not has_sqlite_magic(self.path) and self.path.stat().st_size > 0:
             raise TailerError(f"{self.path}: not a SQLite database (bad header)")
         read_only = self._read_only_reason()
         if read_only is not None:
@@ -412,22 +396,15 @@ class DatabaseTailer:
             for pgno, data in txn.pages.items():
                 if pgno in changed:
                     images[pgno] = data
-        acc = self._acc
         lock = lock_pgno(self._page_size)
-        current = self._commit
-        for pgno in range(1, max(current, commit) + 1):
-            if pgno == lock:
-                continue
-            now = self._checksums[pgno] if pgno <= current else 0
-            if pgno in changed or pgno > current or pgno > commit:
-                before = 0
-                if pgno <= commit:
-                    image = images.get(pgno)
-                    if image is None:
-                        image = self._raw_page(pgno)
-                    before = page_checksum(pgno, image)
-                acc ^= now ^ before
-        return CHECKSUM_FLAG | acc
+        reverted: dict[int, int] = {}
+        for pgno in sorted(changed | set(range(self._sums.pages + 1, commit + 1))):
+            if pgno <= commit and pgno != lock:
+                image = images.get(pgno)
+                if image is None:
+                    image = self._raw_page(pgno)
+                reverted[pgno] = page_checksum(pgno, image)
+        return self._sums.after(reverted, commit)
 
     def _follow_wal(self, header: wal.WALHeader | None, wal_bytes: bytes) -> None:
         """Take the WAL as it is now as already reflected in the pinned state."""
@@ -489,24 +466,13 @@ class DatabaseTailer:
                 yield int(pgno), bytes(data)
 
     def _load_checksums(self) -> None:
-        """Compute the per-page checksum array of the pinned snapshot (once, at start)."""
-        sums = array("Q", [0])
-        acc = 0
-        count = 0
-        for pgno, data in self._pinned_pages():
-            while len(sums) < pgno:
-                sums.append(0)
-            value = page_checksum(pgno, data)
-            sums.append(value)
-            acc ^= value
-            count = pgno
-        self._checksums = sums
-        self._acc = acc
-        self._commit = count
+        """Compute the per-page checksums of the pinned snapshot (at start, and on rescans
+        after a page size change)."""
+        self._sums = PageChecksums.of_pages(self._page_size, self._pinned_pages())
         self._sync_state()
 
     def _checksum(self) -> int:
-        return CHECKSUM_FLAG | self._acc if self._commit else EMPTY_DB_CHECKSUM
+        return self._sums.checksum()
 
     def _raw_page(self, pgno: int) -> bytes:
         assert self._raw is not None
@@ -716,36 +682,19 @@ class DatabaseTailer:
         self._append(header, sorted(pages.items()), self._checksum())
 
     def _advance(self, pages: dict[int, bytes], commit: int) -> None:
-        """Move the checksum array to the state after writing `pages` and sizing to commit."""
-        sums = self._checksums
-        acc = self._acc
-        old = self._commit
-        lock = lock_pgno(self._page_size)
-        for pgno in range(commit + 1, old + 1):
-            acc ^= sums[pgno]
-        if commit < old:
-            del sums[commit + 1 :]
-        elif commit > old:
-            sums.extend([0] * (commit - old))
-            missing = [p for p in range(old + 1, commit + 1) if p not in pages and p != lock]
-            if missing:
-                log.warning(
-                    "%s: pages %d..%d grew the database without WAL frames; reading them "
-                    "from the database file",
-                    self.name,
-                    missing[0],
-                    missing[-1],
-                )
-                for pgno in missing:
-                    pages[pgno] = self._raw_page(pgno)
-        for pgno, data in pages.items():
-            if pgno == lock:
-                continue
-            value = page_checksum(pgno, data)
-            acc ^= sums[pgno] ^ value
-            sums[pgno] = value
-        self._acc = acc
-        self._commit = commit
+        """Move the checksums to the state after writing `pages` and sizing to commit."""
+        missing = self._sums.growth_gap(pages, commit)
+        if missing:
+            log.warning(
+                "%s: pages %d..%d grew the database without WAL frames; reading them "
+                "from the database file",
+                self.name,
+                missing[0],
+                missing[-1],
+            )
+            for pgno in missing:
+                pages[pgno] = self._raw_page(pgno)
+        self._sums.update({pgno: page_checksum(pgno, data) for pgno, data in pages.items()}, commit)
 
     def _append(self, header: Header, pages: list[tuple[int, bytes]], post: int) -> None:
         def write(f: BinaryIO) -> None:
@@ -781,14 +730,14 @@ class DatabaseTailer:
 
     def _write_snapshot(self, reason: str) -> None:
         """A snapshot of the pinned state at the next TXID (pins must be current)."""
-        if self._commit == 0:
+        if self._sums.pages == 0:
             log.info("%s: the database has no pages yet; nothing to snapshot", self.name)
             return
         txid = self._txid + 1
         log.warning("%s: writing a snapshot at TXID %d: %s", self.name, txid, reason)
         header = Header(
             page_size=self._page_size,
-            commit=self._commit,
+            commit=self._sums.pages,
             min_txid=1,
             max_txid=txid,
             timestamp=int(time.time() * 1000),
@@ -813,18 +762,16 @@ class DatabaseTailer:
             return 1
         pre = self._checksum()
         changed: list[tuple[int, bytes]] = []
-        sums = self._checksums
         count = 0
         for pgno, data in self._pinned_pages():
-            value = page_checksum(pgno, data)
-            if pgno >= len(sums) or sums[pgno] != value:
+            if self._sums[pgno] != page_checksum(pgno, data):
                 changed.append((pgno, data))
             count = pgno
         self._follow_wal(header, wal_bytes)
         # Checkpoint again only once new frames come (or the interval passes): a WAL this
         # rescan covers but cannot read (a corrupt frame) must not be rescanned every sync.
         self._checkpointed_frames = self._wal_frames
-        if not changed and count == self._commit:
+        if not changed and count == self._sums.pages:
             log.info("%s: %s; rescanned: the database is unchanged", self.name, reason)
             return 0
         self._advance(dict(changed), count)
@@ -865,11 +812,11 @@ class DatabaseTailer:
             self._sync_wal()
             self._repin()
         self._sync_state()
-        if self._txid == 0 or self._commit == 0:
+        if self._txid == 0 or self._sums.pages == 0:
             raise TailerError(f"{self.path}: nothing to snapshot yet (no pages)")
         header = Header(
             page_size=self._page_size,
-            commit=self._commit,
+            commit=self._sums.pages,
             min_txid=1,
             max_txid=self._txid,
             timestamp=int(time.time() * 1000),
@@ -896,9 +843,7 @@ class DatabaseTailer:
             pre_apply_checksum=self._checksum(),
             node_id=self.options.node_id,
         )
-        self._checksums = array("Q", [0])
-        self._acc = 0
-        self._commit = 0
+        self._sums = PageChecksums(self._page_size or 4096)
         self._append(header, [], EMPTY_DB_CHECKSUM)
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -1066,7 +1011,7 @@ class DatabaseTailer:
         s.txid = self._txid
         s.checksum = self._checksum()
         s.page_size = self._page_size
-        s.pages = self._commit
+        s.pages = self._sums.pages
         s.wal_size = self._wal_size()
         s.wal_frames = self._scan.frame_count if self._scan is not None else 0
 
