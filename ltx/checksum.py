@@ -91,10 +91,11 @@ class PageChecksums:
     being written reads back as zeros (SQLite and ``apply_ltx`` agree).
     """
 
-    __slots__ = ("_acc", "_sums", "page_size")
+    __slots__ = ("_acc", "_lock", "_sums", "page_size")
 
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
+        self._lock = lock_pgno(page_size)
         self._sums = array("Q", [0])
         self._acc = 0  # XOR of the page checksums, bit 63 not forced
 
@@ -130,14 +131,14 @@ class PageChecksums:
         """Set one page's checksum, growing the database to pgno if needed."""
         if pgno > self.pages:
             self._sums.frombytes(bytes(8 * (pgno - self.pages)))
-        if pgno == lock_pgno(self.page_size):
+        if pgno == self._lock:
             value = 0
         self._acc ^= self._sums[pgno] ^ value
         self._sums[pgno] = value
 
     def growth_gap(self, changed: Container[int], commit: int) -> list[int]:
         """Pages a growth to `commit` reaches without `changed` writing them."""
-        lock = lock_pgno(self.page_size)
+        lock = self._lock
         return [p for p in range(self.pages + 1, commit + 1) if p not in changed and p != lock]
 
     def after(self, changed: Mapping[int, int], commit: int) -> int:
@@ -147,7 +148,7 @@ class PageChecksums:
         acc = self._acc
         old = self.pages
         sums = self._sums
-        lock = lock_pgno(self.page_size)
+        lock = self._lock
         for pgno in range(commit + 1, old + 1):
             acc ^= sums[pgno]
         for pgno, value in changed.items():
