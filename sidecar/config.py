@@ -290,6 +290,8 @@ class Duration(Kind[timedelta]):
 
     def to_toml(self, value: timedelta) -> str:
         us = value // _US
+        if us == 0:
+            return '"0s"'
         for unit, size in (("h", 3_600_000_000), ("m", 60_000_000), ("s", 1_000_000)):
             if us % size == 0:
                 return f'"{us // size}{unit}"'
@@ -328,6 +330,57 @@ class PathList(Kind[tuple[Path, ...]]):
 
     def to_toml(self, value: tuple[Path, ...]) -> str:
         return "[" + ", ".join(self._item.to_toml(p) for p in value) + "]"
+
+
+class Choice(Kind[str]):
+    """One of a fixed set of words."""
+
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        self.what = "one of " + ", ".join(_toml_str(c) for c in choices)
+
+    def from_toml(self, value: object) -> str:
+        if not isinstance(value, str) or value not in self.choices:
+            raise self.bad(value)
+        return value
+
+    def to_toml(self, value: str) -> str:
+        return _toml_str(value)
+
+
+class OptionalStr(Kind[str]):
+    """A string that may be empty (empty means "not set"); a pattern applies otherwise."""
+
+    def __init__(self, pattern: str | None = None, what: str = "a string") -> None:
+        self.pattern = re.compile(pattern) if pattern else None
+        self.what = what
+
+    def from_toml(self, value: object) -> str:
+        if not isinstance(value, str):
+            raise self.bad(value)
+        if value and self.pattern is not None and not self.pattern.fullmatch(value):
+            raise self.bad(value)
+        return value
+
+    def to_toml(self, value: str) -> str:
+        return _toml_str(value)
+
+
+class StrList(Kind[tuple[str, ...]]):
+    """A TOML array of strings; in the environment, separated by commas."""
+
+    what = "a list of strings"
+
+    def from_toml(self, value: object) -> tuple[str, ...]:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise self.bad(value)
+        return tuple(value)
+
+    def from_env(self, text: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+
+    def to_toml(self, value: tuple[str, ...]) -> str:
+        return "[" + ", ".join(_toml_str(v) for v in value) + "]"
 
 
 # -- declaring settings ------------------------------------------------------------------
@@ -464,7 +517,7 @@ class Schema(Generic[C]):
                 if key.section != section_name:
                     continue
                 value = getattr(owner, key.attr)
-                if key.spec.secret and mask_secrets:
+                if key.spec.secret and mask_secrets and value:
                     text = '"***"'
                 else:
                     text = key.spec.kind.to_toml(value)
@@ -561,6 +614,189 @@ class RetentionConfig:
     )
 
 
+def _on_fly(env: Mapping[str, str]) -> bool:
+    return bool(env.get("FLY_MACHINE_ID") and env.get("FLY_APP_NAME"))
+
+
+def _default_api_host(env: Mapping[str, str]) -> str:
+    # Fly machines reach each other over the IPv6 private network; elsewhere stay local
+    # until told otherwise.
+    return "::" if _on_fly(env) else "127.0.0.1"
+
+
+def _default_candidate(env: Mapping[str, str]) -> bool:
+    primary, region = env.get("PRIMARY_REGION"), env.get("FLY_REGION")
+    return primary == region if primary and region else True
+
+
+def _default_lease_key(env: Mapping[str, str]) -> str:
+    return f"ltx-sidecar/{env.get('FLY_APP_NAME') or 'cluster'}"
+
+
+def _default_fly_app(env: Mapping[str, str]) -> str:
+    return env.get("FLY_APP_NAME", "")
+
+
+HOST = Str(r"[A-Za-z0-9.:\-\[\]]+", "a host name or address")
+URL = OptionalStr(r"https?://[^\s/]+(/\S*)?", "an http:// or https:// URL")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = setting(
+        HOST,
+        None,
+        "address the node API (replication, status, metrics) listens on "
+        '(default "127.0.0.1"; "::" on Fly.io)',
+        default_from=_default_api_host,
+    )
+    port: int = setting(Int(1), 20202, "port of the node API")
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    type: str = setting(
+        Choice("static", "redis"),
+        "static",
+        'who is primary: "static" (a fixed primary) or "redis" (elected with a Redis lease)',
+    )
+    primary_url: str = setting(
+        URL,
+        "",
+        "static lease: the primary's API URL, set on replicas; empty on the primary itself",
+    )
+    redis_url: str = setting(
+        URL.__class__(r"rediss?://\S+", "a redis:// or rediss:// URL"),
+        "",
+        "redis lease: the Redis server, e.g. redis://host:6379/0",
+        secret=True,
+    )
+    key: str = setting(
+        Str(),
+        None,
+        "redis lease: the key holding the lease, one per cluster "
+        '(default "ltx-sidecar/$FLY_APP_NAME")',
+        default_from=_default_lease_key,
+    )
+    ttl: timedelta = setting(
+        Duration(positive=True), "5s", "redis lease: how long a lease lasts without renewal"
+    )
+    renew_interval: timedelta = setting(
+        Duration(positive=False), "0s", "redis lease: how often the primary renews (0: TTL/3)"
+    )
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    heartbeat_interval: timedelta = setting(
+        Duration(positive=True), "1s", "how often the primary sends a heartbeat on each stream"
+    )
+    stream_timeout: timedelta = setting(
+        Duration(positive=True), "5s", "a stream silent for this long is dead; reconnect"
+    )
+    reconnect_min: timedelta = setting(
+        Duration(positive=True), "100ms", "first delay before reconnecting to the primary"
+    )
+    reconnect_max: timedelta = setting(
+        Duration(positive=True), "5s", "longest delay between reconnection attempts"
+    )
+    max_stream_buffer: int = setting(
+        Int(65536),
+        8 << 20,
+        "bytes queued for one replica before it is caught up from the log instead",
+    )
+    lock_local_writes: bool = setting(
+        Bool(),
+        True,
+        "replicas hold the write lock between applies, so app writes fail at once",
+    )
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    enabled: bool = setting(Bool(), False, "run the HTTP proxy in front of the app")
+    host: str = setting(HOST, "0.0.0.0", "address the proxy listens on")
+    port: int = setting(Int(1), 8080, "public port of the proxy")
+    target: str = setting(URL, "", "the app's URL, e.g. http://127.0.0.1:8081")
+    db: str = setting(
+        OptionalStr(),
+        "",
+        "the database whose TXID the __txid cookie carries (default: the only one)",
+    )
+    write_paths: tuple[str, ...] = setting(
+        StrList(), [], "path globs (* wildcard) whose GET and HEAD requests are writes too"
+    )
+    passthrough_paths: tuple[str, ...] = setting(
+        StrList(), [], "path globs sent straight to the app, no routing and no cookie"
+    )
+    txid_header: str = setting(
+        Str(r"[A-Za-z0-9-]+", "an HTTP header name"),
+        "Ltx-Txid",
+        "request header API clients may send instead of the __txid cookie",
+    )
+    read_timeout: timedelta = setting(
+        Duration(positive=True),
+        "5s",
+        "how long a read waits for this node to reach the client's TXID (then 504)",
+    )
+    primary_timeout: timedelta = setting(
+        Duration(positive=False),
+        "5s",
+        "how long a write waits to learn who the primary is (then 503)",
+    )
+    cookie_max_age: timedelta = setting(
+        Duration(positive=True), "5m", "lifetime of the __txid cookie"
+    )
+    max_lag: timedelta = setting(
+        Duration(positive=False),
+        "10s",
+        "the health check fails past this replication lag (0: never)",
+    )
+    fly_replay: str = setting(
+        Choice("auto", "always", "never"),
+        "auto",
+        'answer writes on replicas with fly-replay ("auto": when running on Fly.io)',
+    )
+    max_replay_body: int = setting(
+        Int(0), 1 << 20, "larger write bodies are forwarded to the primary, not replayed"
+    )
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    replicas: int = setting(
+        Int(0), 0, "hold each write's response until this many replicas applied it (0: async)"
+    )
+    timeout: timedelta = setting(
+        Duration(positive=True), "5s", "synchronous mode: answer anyway after this long"
+    )
+    max_lag: timedelta = setting(
+        Duration(positive=False),
+        "0s",
+        "writes wait while the slowest required replica is this far behind (0: never)",
+    )
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    command: str = setting(
+        OptionalStr(),
+        "",
+        "the app to start once the databases are ready (shell words; or ltx-sidecar -- CMD)",
+    )
+    migrate: str = setting(
+        OptionalStr(), "", "run on the primary only, before the app starts (e.g. migrations)"
+    )
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = setting(Choice("text", "json"), "text", 'log lines as "text" or "json"')
+    level: str = setting(
+        Choice("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", "the lowest level logged"
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the daemon reads at start; build it with load_config."""
@@ -574,6 +810,39 @@ class Config:
         "this node's id (default: $FLY_MACHINE_ID, else the hostname)",
         default_from=_default_node_id,
     )
+    advertise_url: str = setting(
+        URL,
+        "",
+        "the URL other nodes reach this node's API at (default: "
+        "http://$FLY_MACHINE_ID.vm.$FLY_APP_NAME.internal:PORT on Fly.io, else from api.host)",
+    )
+    token: str = setting(
+        OptionalStr(),
+        "",
+        "shared secret every node-to-node and mutating request carries "
+        "(default: read from, or created in, <data-dir>/token)",
+        secret=True,
+    )
+    candidate: bool = setting(
+        Bool(),
+        None,
+        "whether this node may become primary (default: FLY_REGION == PRIMARY_REGION on "
+        "Fly.io, else true)",
+        default_from=_default_candidate,
+    )
+    fly_app: str = setting(
+        OptionalStr(),
+        None,
+        "the Fly.io app name (default $FLY_APP_NAME)",
+        default_from=_default_fly_app,
+    )
+    api: ApiConfig = section(ApiConfig, "the node API: replication, status, metrics, health")
+    lease: LeaseConfig = section(LeaseConfig, "who is primary")
+    replication: ReplicationConfig = section(ReplicationConfig, "streaming to replicas")
+    proxy: ProxyConfig = section(ProxyConfig, "the HTTP proxy in front of the app")
+    sync: SyncConfig = section(SyncConfig, "synchronous and time-bounded replication")
+    exec: ExecConfig = section(ExecConfig, "supervising the app")
+    log: LogConfig = section(LogConfig, "logging")
     databases: DatabasesConfig = section(DatabasesConfig, "which databases to replicate")
     checkpoint: CheckpointConfig = section(
         CheckpointConfig, "WAL checkpoints (the primary owns them)"
@@ -583,6 +852,22 @@ class Config:
     def database_name(self, path: Path) -> str:
         """The name a database file has under dbs/: its validated base name."""
         return validate_db_name(Path(path).name)
+
+    def advertise(self) -> str:
+        """This node's API URL as other nodes should use it."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        if self.fly_app and os.environ.get("FLY_MACHINE_ID") == self.node_id:
+            return f"http://{self.node_id}.vm.{self.fly_app}.internal:{self.api.port}"
+        host = self.api.host
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.api.port}"
+
+    def token_path(self) -> Path:
+        return self.data_dir / "token"
 
     def ltx_dir(self, name: str) -> Path:
         """``<data-dir>/dbs/<name>/ltx``, where one database's LTX log lives."""

@@ -170,7 +170,7 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path: Path) -> None:
 
 
 def test_unknown_section_and_misplaced_key_are_rejected(tmp_path: Path) -> None:
-    assert str(error(tmp_path, "[replication]\nx = 1\n")).startswith("replication: unknown section")
+    assert str(error(tmp_path, "[backup]\nx = 1\n")).startswith("backup: unknown section")
     assert "(did you mean retention?)" in str(error(tmp_path, "[retension]\nmax-age = 1\n"))
     exc = error(tmp_path, 'paths = ["/a.db"]\n')
     assert str(exc) == "paths: unknown key (did you mean [databases] paths?)"
