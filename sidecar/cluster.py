@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +116,9 @@ class ClusterState:
         self.started = time.time()
         self.counters: dict[str, int] = {}  # metric name -> count, e.g. "resyncs"
         self._changed = asyncio.Event()
+        # Set by the primary role: make the tailer read the WAL to its end now and return
+        # the database's TXID, so a write that just committed has its TXID.
+        self.sync_hook: Callable[[str], Awaitable[int]] | None = None
 
     # -- writers ---------------------------------------------------------------------------
 
@@ -208,6 +211,12 @@ class ClusterState:
     def txid(self, name: str) -> int:
         view = self.databases.get(name)
         return view.txid if view else 0
+
+    async def committed_txid(self, name: str) -> int:
+        """The TXID that covers every commit made before this call (primary: after a sync)."""
+        if self.role == "primary" and self.sync_hook is not None:
+            return await self.sync_hook(name)
+        return self.txid(name)
 
     def max_lag_seconds(self) -> float:
         if self.role == "primary":
