@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sidecar import __version__
-from sidecar.config import ConfigError, load_config, render_config
-from sidecar.primary import Primary
+from sidecar.config import Config, ConfigError, load_config, render_config
+from sidecar.node import Node
 
 log = logging.getLogger("ltx_sidecar")
 
@@ -44,21 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(primary: Primary) -> None:
+async def _serve(cfg: Config) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await primary.run(stop)
+    await Node(cfg).run(stop)
 
 
-def _run(primary: Primary) -> None:
+def _run(cfg: Config) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional in spirit
-        asyncio.run(_serve(primary))
+        asyncio.run(_serve(cfg))
     else:
-        uvloop.run(_serve(primary))
+        uvloop.run(_serve(cfg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info(
         "ltx-sidecar %s starting as node %s, data in %s", __version__, cfg.node_id, cfg.data_dir
     )
-    _run(Primary(cfg))
+    _run(cfg)
     log.info("ltx-sidecar stopped")
     return 0
 

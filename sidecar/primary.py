@@ -14,17 +14,22 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import watchfiles
 import xxhash
 
+import ltx
 from sidecar.config import Config, DatabaseNameError, looks_like_sqlite
 from sidecar.fileutil import atomic_write
 from sidecar.log import LTXLog
 from sidecar.tailer import DatabaseTailer, TailerError, TailerOptions
+
+T = TypeVar("T")
 
 log = logging.getLogger("ltx_sidecar.primary")
 
@@ -54,8 +59,15 @@ def database_of(path: Path) -> Path:
 class DatabaseWorker:
     """Drives one tailer: sync when woken or when the poll interval passes."""
 
-    def __init__(self, name: str, path: Path, cfg: Config) -> None:
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        cfg: Config,
+        on_change: Callable[[DatabaseWorker], None] | None = None,
+    ) -> None:
         self.name = name
+        self.on_change = on_change  # called in the loop's thread after the log grew
         self.path = path
         self.cfg = cfg
         options = TailerOptions(
@@ -72,8 +84,51 @@ class DatabaseWorker:
         self._last_state_write = 0.0
         self._last_retention = time.monotonic()
         self._state_path = cfg.data_dir / "dbs" / name / "state.json"
+        # The tailer is single-threaded: the sync loop and outside calls (a snapshot for a
+        # new replica, a sync for a write's TXID) take this lock; an outside caller raises
+        # _wanted so the busy loop lets go at once.
+        self._lock = threading.Lock()
+        self._wanted = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._notified_txid = -1
+
+    @property
+    def pos(self) -> ltx.Pos | None:
+        return self.log.pos
+
+    async def exclusive(self, fn: Callable[[DatabaseTailer], T]) -> T:
+        """Run fn(tailer) in a worker thread between syncs."""
+
+        def call() -> T:
+            self._wanted += 1
+            try:
+                with self._lock:
+                    return fn(self.tailer)
+            finally:
+                self._wanted -= 1
+
+        return await asyncio.to_thread(call)
+
+    async def sync_now(self) -> int:
+        """Read the WAL to its end now; the TXID that covers every commit before the call."""
+
+        def sync(tailer: DatabaseTailer) -> int:
+            while tailer.sync():
+                self._published()
+            return tailer.state.txid
+
+        return await self.exclusive(sync)
+
+    def _published(self) -> None:
+        """Tell the loop the log may have grown (from the worker thread)."""
+        pos = self.log.pos
+        txid = pos.txid if pos else 0
+        if txid != self._notified_txid and self._loop is not None and self.on_change:
+            self._notified_txid = txid
+            self._loop.call_soon_threadsafe(self.on_change, self)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
         poll = self.cfg.databases.poll_interval.total_seconds()
         while not stop.is_set():
             self.wake.clear()
@@ -89,14 +144,19 @@ class DatabaseWorker:
             # While transactions keep coming, keep syncing in this thread: a hand-off to
             # the event loop per sync costs more than a sync under a busy writer.
             deadline = time.monotonic() + _BUSY_LOOP
-            while self.tailer.sync() and time.monotonic() < deadline:
-                pass
+            with self._lock:
+                while self.tailer.sync():
+                    self._published()
+                    if self._wanted or time.monotonic() >= deadline:
+                        break
+                self._published()
         except TailerError as exc:
             self._report(str(exc))
         except Exception as exc:  # keep the daemon alive; the next step retries
             log.exception("%s: sync failed", self.name)
             self._report(f"sync failed: {exc}")
-            self.tailer.close()
+            with self._lock:
+                self.tailer.close()
         else:
             if self._last_error is not None:
                 log.info("%s: following the database again", self.name)
@@ -139,19 +199,25 @@ class DatabaseWorker:
 
     def _shutdown(self) -> None:
         """A last sync so nothing committed is left unshipped, then close."""
-        with contextlib.suppress(TailerError):
-            if self.tailer.is_open:
-                self.tailer.sync()
-        self.write_state()
-        self.tailer.close()
+        with self._lock:
+            with contextlib.suppress(TailerError):
+                if self.tailer.is_open:
+                    self.tailer.sync()
+            self.write_state()
+            self.tailer.close()
 
 
 class Primary:
     """All the databases this node replicates, in the primary role."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(
+        self, cfg: Config, on_change: Callable[[DatabaseWorker], None] | None = None
+    ) -> None:
         self.cfg = cfg
+        self.on_change = on_change
         self.workers: dict[Path, DatabaseWorker] = {}
+        self.by_name: dict[str, DatabaseWorker] = {}
+        self._changed = asyncio.Event()  # one per generation: set, then replaced
         self._tasks: list[asyncio.Task[None]] = []
 
     def _watched_dirs(self) -> set[Path]:
@@ -171,11 +237,38 @@ class Primary:
         if any(w.name == name for w in self.workers.values()):
             log.warning("%s: not replicated: another database is already named %r", path, name)
             return None
-        worker = DatabaseWorker(name, path, self.cfg)
+        worker = DatabaseWorker(name, path, self.cfg, self._worker_changed)
         self.workers[path] = worker
+        self.by_name[name] = worker
         self._tasks.append(asyncio.create_task(worker.run(stop), name=f"db:{name}"))
+        self._worker_changed(worker)
         log.info("%s: replicating %s", name, path)
         return worker
+
+    def _worker_changed(self, worker: DatabaseWorker) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self.on_change is not None:
+            self.on_change(worker)
+
+    # -- what the stream server reads (sidecar.stream_server.PrimarySource) ----------------
+
+    def names(self) -> list[str]:
+        return list(self.by_name)
+
+    def log_of(self, name: str) -> LTXLog | None:
+        worker = self.by_name.get(name)
+        return worker.log if worker else None
+
+    async def snapshot(self, name: str, out: BinaryIO) -> ltx.Pos:
+        return await self.by_name[name].exclusive(lambda tailer: tailer.snapshot_to(out))
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    async def sync_now(self, name: str) -> int:
+        worker = self.by_name.get(name)
+        return await worker.sync_now() if worker else 0
 
     def _discover(self, stop: asyncio.Event) -> None:
         for path in self.cfg.databases.paths:

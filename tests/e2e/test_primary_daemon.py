@@ -17,6 +17,7 @@ import sqlean
 
 import ltx
 from sidecar.log import LTXLog
+from tests.helpers import free_port
 
 WRITER = r"""
 import random, sqlite3, sys, time
@@ -48,6 +49,7 @@ class Daemon:
         self.config = tmp / "sidecar.toml"
         self.config.write_text(
             f'data-dir = "{self.data}"\n'
+            f"[api]\nport = {free_port()}\n"
             f"[databases]\n"
             f'dirs = ["{db_dir}"]\n'
             f'poll-interval = "50ms"\n'

@@ -1,0 +1,556 @@
+"""Replica side of replication: follow the primary's /stream and apply what it sends.
+
+One long-lived ``POST /stream`` brings LTX files as fragments; each file is spooled to a
+temporary file and, once whole, applied by its database's applier task through
+ReplicaDatabase (one SQLite write transaction, verified before a byte is written). Each
+apply is reported to the primary on one open ``POST /pos`` request. A stream that fails
+(network, a damaged frame, the primary gone, a heartbeat missed for
+``replication.stream-timeout``) is dropped and opened again with backoff, from the
+positions actually applied, so nothing damaged or half-received is ever used.
+
+A database that cannot continue from its position (the primary says RESYNC, an apply
+finds the position does not match, a local write landed, the file was edited behind
+our back) is brought back by asking for it again without a position: the primary then
+sends a snapshot, which applies over anything. Readers see the old state until that
+one transaction commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+import ltx
+from sidecar import frames
+from sidecar.apply import (
+    ApplyError,
+    PositionMismatch,
+    ReplicaDatabase,
+    remove_database_files,
+)
+from sidecar.auth import bearer
+from sidecar.cluster import ClusterState, NodeInfo, Primary
+from sidecar.config import Config, DatabaseNameError, validate_db_name
+from sidecar.fileutil import atomic_write, fsync_dir
+from sidecar.frames import DatabasePosition, FrameError
+from sidecar.log import LTXLog
+
+log = logging.getLogger("ltx_sidecar.replica")
+
+_LOCAL_WRITE_CHECK = 1.0  # seconds between checks for writes that landed anyway
+PRIMARY_FILE = ".primary"
+
+
+class StreamClosed(Exception):
+    """The stream ended (END, EOF, or a reconnect was asked for)."""
+
+
+@dataclass(slots=True)
+class _Db:
+    """One replica database, its incoming file and its applier."""
+
+    name: str
+    path: Path
+    replica: ReplicaDatabase | None = None
+    incoming: IO[bytes] | None = None
+    queue: asyncio.Queue[Path] = field(default_factory=asyncio.Queue)
+    applier: asyncio.Task[None] | None = None
+    want_snapshot: bool = False  # ask for it again without a position
+    applying: bool = False
+
+
+class ReplicaRole:
+    """Everything a replica does: open its databases, follow the primary, apply, report."""
+
+    def __init__(self, cfg: Config, state: ClusterState, token: str) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.token = token
+        self.dbs: dict[str, _Db] = {}
+        self._reconnect = asyncio.Event()
+        self._reports: asyncio.Queue[str] = asyncio.Queue()
+        self._epoch = 0
+        self._incoming_dir = cfg.data_dir / "incoming"
+
+    # -- databases --------------------------------------------------------------------------
+
+    def path_for(self, name: str) -> Path | None:
+        """Where database `name` lives on this node: a configured path, else the first dir."""
+        for path in self.cfg.databases.paths:
+            if path.name == name:
+                return path.resolve()
+        if self.cfg.databases.dirs:
+            return (self.cfg.databases.dirs[0] / name).resolve()
+        return None
+
+    def _known_names(self) -> list[str]:
+        names = {p.name for p in self.cfg.databases.paths}
+        dbs_dir = self.cfg.data_dir / "dbs"
+        if dbs_dir.is_dir():
+            names.update(d.name for d in dbs_dir.iterdir() if any((d / "ltx").glob("*.ltx")))
+        return sorted(names)
+
+    def _db(self, name: str) -> _Db | None:
+        db = self.dbs.get(name)
+        if db is not None:
+            return db
+        try:
+            validate_db_name(name)
+        except DatabaseNameError as exc:
+            log.warning("ignoring database %r from the primary: %s", name, exc)
+            return None
+        path = self.path_for(name)
+        if path is None:
+            log.warning(
+                "%s: no place for it on this node: set [databases] dirs (or list its path)", name
+            )
+            return None
+        db = self.dbs[name] = _Db(name, path)
+        db.applier = asyncio.create_task(self._apply_loop(db), name=f"apply:{name}")
+        return db
+
+    def _open(self, db: _Db) -> ReplicaDatabase:
+        """Open the replica database (blocking; in a worker thread)."""
+        if db.replica is None:
+            db.path.parent.mkdir(parents=True, exist_ok=True)
+            replica = ReplicaDatabase(db.path, LTXLog(self.cfg.ltx_dir(db.name), clean=True))
+            if self.cfg.replication.lock_local_writes:
+                with contextlib.suppress(ApplyError):
+                    replica.hold_write_lock()
+            db.replica = replica
+            if replica.problem is not None:
+                db.want_snapshot = True
+        return db.replica
+
+    async def open_existing(self) -> None:
+        for name in self._known_names():
+            db = self._db(name)
+            if db is None:
+                continue
+            try:
+                replica = await asyncio.to_thread(self._open, db)
+            except ApplyError as exc:
+                log.warning("%s: cannot open the replica database: %s", name, exc)
+                continue
+            self._publish(db, replica)
+
+    def _publish(self, db: _Db, replica: ReplicaDatabase) -> None:
+        pos = replica.pos
+        self.state.set_position(db.name, pos.txid, pos.post_apply_checksum)
+        view = self.state.database(db.name)
+        view.extra.update(
+            path=str(db.path),
+            page_size=replica.page_size,
+            pages=replica.page_count,
+            size=replica.page_size * replica.page_count,
+            wal_size=_size(Path(f"{db.path}-wal")),
+            problem=replica.problem,
+        )
+
+    async def close(self) -> None:
+        for db in self.dbs.values():
+            if db.applier is not None:
+                db.applier.cancel()
+        for db in self.dbs.values():
+            if db.applier is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await db.applier
+            self._drop_incoming(db)
+            if db.replica is not None:
+                await asyncio.to_thread(db.replica.close)
+                db.replica = None
+        self.dbs.clear()
+
+    # -- the stream ------------------------------------------------------------------------
+
+    async def run(self, primary_url: str, stop: asyncio.Event) -> None:
+        """Follow the primary at `primary_url` until `stop` is set."""
+        await self.open_existing()
+        self._write_primary_file(None)
+        watcher = asyncio.create_task(self._watch_local_writes(), name="local-writes")
+        delay = self.cfg.replication.reconnect_min.total_seconds()
+        max_delay = self.cfg.replication.reconnect_max.total_seconds()
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.cfg.replication.stream_timeout.total_seconds(),
+            sock_read=self.cfg.replication.stream_timeout.total_seconds(),
+        )
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    stream = asyncio.create_task(self._stream_once(session, primary_url))
+                    stopping = asyncio.create_task(stop.wait())
+                    await asyncio.wait({stream, stopping}, return_when="FIRST_COMPLETED")
+                    stopping.cancel()
+                    if not stream.done():
+                        stream.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        error = await _outcome(stream)
+                    if stop.is_set():
+                        break
+                    if error:
+                        log.warning("stream from %s: %s", primary_url, error)
+                    if time.monotonic() - started > 10:
+                        delay = self.cfg.replication.reconnect_min.total_seconds()
+                    await _sleep_or(stop, delay)
+                    delay = min(max_delay, delay * 2)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            self.state.set_ready(False)
+
+    async def _stream_once(self, session: aiohttp.ClientSession, url: str) -> None:
+        await self._settle()
+        self._reconnect = asyncio.Event()
+        request = frames.StreamRequest(self.state.me.node_id, tuple(self._positions()))
+        headers = {**bearer(self.token), "Content-Type": "application/json"}
+        async with session.post(
+            f"{url.rstrip('/')}/stream", data=frames.encode_stream_request(request), headers=headers
+        ) as resp:
+            if resp.status != 200:
+                text = (await resp.text()).strip()
+                raise StreamClosed(f"HTTP {resp.status}: {text or resp.reason}")
+            decoder = frames.FrameDecoder("stream", min_epoch=self.state.epoch)
+            reporter: asyncio.Task[None] | None = None
+            reconnect = asyncio.create_task(self._reconnect.wait())
+            try:
+                async for chunk in _chunks(resp.content, reconnect):
+                    for frame in decoder.feed(chunk):
+                        if isinstance(frame, frames.Hello):
+                            self._hello(frame, url)
+                            reporter = asyncio.create_task(self._report(session, url))
+                        else:
+                            self._on_frame(frame)
+                    if decoder.ended:
+                        break
+                if not reconnect.done():
+                    decoder.close()
+            finally:
+                reconnect.cancel()
+                if reporter is not None:
+                    reporter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reporter
+                for db in self.dbs.values():
+                    self._drop_incoming(db)
+                self.state.set_ready(False)
+
+    async def _settle(self) -> None:
+        """Before (re)connecting: let queued applies finish so positions are exact, and
+        forget the history of copies that will be replaced by a snapshot."""
+        for db in list(self.dbs.values()):
+            while (not db.queue.empty() or db.applying) and db.applier and not db.applier.done():
+                await asyncio.sleep(0.01)
+            if db.want_snapshot:
+                await asyncio.to_thread(self._forget, db)
+
+    def _forget(self, db: _Db) -> None:
+        """Drop the log of a copy we no longer trust; keep the database for its readers.
+
+        With an empty log the replica has no position, so the primary sends a snapshot,
+        which applies over whatever the file holds in one transaction. A crash in
+        between leaves an empty log: the same request again.
+        """
+        if db.replica is not None:
+            db.replica.close()
+            db.replica = None
+        ltx_dir = self.cfg.ltx_dir(db.name)
+        for path in ltx_dir.glob("*"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+        (ltx_dir.parent / "page1").unlink(missing_ok=True)
+        fsync_dir(ltx_dir)
+
+    def _positions(self) -> list[DatabasePosition]:
+        out = []
+        for db in self.dbs.values():
+            replica = db.replica
+            if replica is None or db.want_snapshot or replica.problem is not None:
+                continue
+            pos = replica.pos
+            if pos.txid > 0:
+                out.append(DatabasePosition(db.name, pos.txid, pos.post_apply_checksum))
+        return out
+
+    def _hello(self, hello: frames.Hello, url: str) -> None:
+        self._epoch = hello.epoch
+        known = self.state.primary
+        proxy_url = known.node.proxy_url if known and known.node.node_id == hello.node_id else ""
+        primary = Primary(NodeInfo(hello.node_id, hello.advertise_url, proxy_url), hello.epoch)
+        self.state.set_role("replica", primary)
+        self._write_primary_file(hello.node_id)
+        log.info("following primary %s at %s (epoch %d)", hello.node_id, url, hello.epoch)
+
+    def _on_frame(self, frame: frames.Frame) -> None:
+        if isinstance(frame, frames.LtxFragment):
+            self._fragment(frame)
+        elif isinstance(frame, frames.Heartbeat):
+            for p in frame.positions:
+                self.state.set_primary_position(p.name, p.txid, p.checksum)
+        elif isinstance(frame, frames.Ready):
+            self.state.set_ready(True)
+        elif isinstance(frame, frames.Resync):
+            db = self._db(frame.name)
+            if db is not None:
+                log.warning(
+                    "%s: the primary cannot continue our copy (%s); asking for a snapshot",
+                    frame.name,
+                    frame.reason.name,
+                )
+                self.state.count("resyncs")
+                db.want_snapshot = True
+                self._reconnect.set()
+        elif isinstance(frame, frames.End):
+            log.info("the primary ended the stream")
+
+    def _fragment(self, frame: frames.LtxFragment) -> None:
+        db = self._db(frame.name)
+        if db is None:
+            return
+        if frame.index == 0:
+            self._drop_incoming(db)
+            self._incoming_dir.mkdir(parents=True, exist_ok=True)
+            db.incoming = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed on LAST
+                dir=self._incoming_dir, prefix=f"{db.name}.", suffix=".ltx", delete=False
+            )
+        if db.incoming is None:
+            return
+        db.incoming.write(frame.data)
+        if frame.last:
+            db.incoming.close()
+            path = Path(db.incoming.name)
+            db.incoming = None
+            self.state.set_primary_position(frame.name, *_peek_txid(path))
+            db.queue.put_nowait(path)
+
+    def _drop_incoming(self, db: _Db) -> None:
+        if db.incoming is not None:
+            db.incoming.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(db.incoming.name)
+            db.incoming = None
+
+    # -- applying --------------------------------------------------------------------------
+
+    async def _apply_loop(self, db: _Db) -> None:
+        while True:
+            path = await db.queue.get()
+            db.applying = True
+            try:
+                await self._apply_one(db, path)
+            finally:
+                db.applying = False
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    async def _apply_one(self, db: _Db, path: Path) -> None:
+        try:
+            replica, deleted = await asyncio.to_thread(self._apply_blocking, db, path)
+        except PositionMismatch as exc:
+            log.warning("%s: %s; asking for a snapshot", db.name, exc.reason)
+            self.state.count("resyncs")
+            db.want_snapshot = True
+            self._clear_queue(db)
+            self._reconnect.set()
+            return
+        except (ApplyError, OSError) as exc:
+            log.warning("%s: not applied, asking again: %s", db.name, exc)
+            self.state.count("apply_errors")
+            self._clear_queue(db)
+            self._reconnect.set()
+            return
+        if deleted:
+            await self._delete(db)
+            return
+        db.want_snapshot = False
+        self._publish(db, replica)
+        self._reports.put_nowait(db.name)
+
+    def _apply_blocking(self, db: _Db, path: Path) -> tuple[ReplicaDatabase, bool]:
+        replica = self._open(db)
+        with open(path, "rb") as f:
+            replica.apply(f, path=str(path))
+        return replica, replica.deleted
+
+    def _clear_queue(self, db: _Db) -> None:
+        while not db.queue.empty():
+            with contextlib.suppress(FileNotFoundError):
+                db.queue.get_nowait().unlink()
+
+    async def _delete(self, db: _Db) -> None:
+        log.info("%s: deleted on the primary; removing it here", db.name)
+        replica = db.replica
+        db.replica = None
+        if replica is not None:
+            await asyncio.to_thread(replica.close)
+        remove_database_files(db.path)
+        shutil.rmtree(self.cfg.data_dir / "dbs" / db.name, ignore_errors=True)
+        self.dbs.pop(db.name, None)
+        self.state.remove_database(db.name)
+        if db.applier is not None and db.applier is not asyncio.current_task():
+            db.applier.cancel()
+
+    async def _watch_local_writes(self) -> None:
+        """A write that landed anyway (lock not held, or just after a commit) is undone."""
+        while True:
+            await asyncio.sleep(_LOCAL_WRITE_CHECK)
+            for db in list(self.dbs.values()):
+                replica = db.replica
+                if replica is None or db.want_snapshot:
+                    continue
+                try:
+                    wrote = await asyncio.to_thread(replica.detect_local_writes)
+                except ApplyError as exc:
+                    log.warning("%s: cannot check for local writes: %s", db.name, exc)
+                    continue
+                if wrote:
+                    log.warning(
+                        "%s: a local write landed on this replica; undoing it with a snapshot "
+                        "from the primary",
+                        db.name,
+                    )
+                    self.state.count("local_writes")
+                    db.want_snapshot = True
+                    self._reconnect.set()
+
+    # -- reporting -------------------------------------------------------------------------
+
+    async def _report(self, session: aiohttp.ClientSession, url: str) -> None:
+        """Keep one POST /pos open; send a POSITIONS frame after each apply."""
+        while True:
+            try:
+                async with session.post(
+                    f"{url.rstrip('/')}/pos",
+                    data=self._report_body(),
+                    headers={**bearer(self.token), "Content-Type": frames.CONTENT_TYPE_FRAMES},
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+                ) as resp:
+                    if resp.status != 204:
+                        log.debug("POST /pos: HTTP %d", resp.status)
+            except (aiohttp.ClientError, OSError) as exc:
+                log.debug("POST /pos failed: %s", exc)
+            await asyncio.sleep(0.2)
+
+    async def _report_body(self) -> AsyncIterator[bytes]:
+        epoch, me = self._epoch, self.state.me.node_id
+        everything = self._applied(list(self.dbs))
+        for group in frames.split_positions(everything):
+            yield frames.encode(frames.Positions(epoch, me, group))
+        while True:
+            names = {await self._reports.get()}
+            while not self._reports.empty():
+                names.add(self._reports.get_nowait())
+            positions = self._applied(sorted(names))
+            if positions:
+                yield frames.encode(frames.Positions(epoch, me, tuple(positions)))
+
+    def _applied(self, names: list[str]) -> list[DatabasePosition]:
+        out = []
+        for name in names:
+            db = self.dbs.get(name)
+            if db is not None and db.replica is not None and db.replica.pos.txid > 0:
+                pos = db.replica.pos
+                out.append(DatabasePosition(name, pos.txid, pos.post_apply_checksum))
+        return out
+
+    # -- the .primary file -----------------------------------------------------------------
+
+    def _primary_dirs(self) -> set[Path]:
+        dirs = {p.resolve().parent for p in self.cfg.databases.paths}
+        dirs.update(d.resolve() for d in self.cfg.databases.dirs)
+        return dirs
+
+    def _write_primary_file(self, primary_id: str | None) -> None:
+        """`.primary` beside the databases names the primary (LiteFS's convention)."""
+        for directory in self._primary_dirs():
+            path = directory / PRIMARY_FILE
+            try:
+                if primary_id is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    with atomic_write(path) as f:
+                        f.write(primary_id.encode() + b"\n")
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+
+
+def remove_primary_files(cfg: Config) -> None:
+    """The primary has no .primary file."""
+    dirs = {p.resolve().parent for p in cfg.databases.paths}
+    dirs.update(d.resolve() for d in cfg.databases.dirs)
+    for directory in dirs:
+        with contextlib.suppress(OSError):
+            (directory / PRIMARY_FILE).unlink(missing_ok=True)
+
+
+def _peek_txid(path: Path) -> tuple[int, int]:
+    """The file's max TXID and post-apply checksum, for lag accounting."""
+    with open(path, "rb") as f:
+        header = ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE))
+        f.seek(-ltx.TRAILER_SIZE, os.SEEK_END)
+        trailer = ltx.Trailer.from_bytes(f.read(ltx.TRAILER_SIZE))
+    return header.max_txid, trailer.post_apply_checksum
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+async def _chunks(
+    content: aiohttp.StreamReader, reconnect: asyncio.Task[bool]
+) -> AsyncIterator[bytes]:
+    """The response body's chunks until it ends or a reconnect is asked for."""
+    while not reconnect.done():
+        read = asyncio.ensure_future(content.readany())
+        try:
+            await asyncio.wait({read, reconnect}, return_when="FIRST_COMPLETED")
+        finally:
+            read.add_done_callback(_consume)
+            if not read.done():
+                read.cancel()
+        if not read.done():
+            return
+        chunk = read.result()
+        if not chunk:
+            return
+        yield chunk
+
+
+def _consume(task: asyncio.Future[bytes]) -> None:
+    """Retrieve a finished read's exception (the stream is being dropped anyway)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _outcome(task: asyncio.Task[None]) -> str | None:
+    try:
+        await task
+    except StreamClosed as exc:
+        return str(exc)
+    except FrameError as exc:
+        return f"damaged stream, reconnecting: {exc}"
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return None
+
+
+async def _sleep_or(stop: asyncio.Event, delay: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)

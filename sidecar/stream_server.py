@@ -1,0 +1,327 @@
+"""Primary side of replication: POST /stream, POST /pos (docs/protocol.md).
+
+Each replica's stream has its own task, which sends LTX files straight from the
+primary's log. Nothing is queued per replica beyond the socket's write buffer: a write
+that cannot drain makes that task wait, and it resumes from the log where it left off,
+so a slow replica never holds back the primary or the other replicas, and one that falls
+behind what the log keeps is brought back with a resync (or a snapshot when it has no
+copy at all).
+
+What is sent for each database, from the replica's position (TXID, checksum):
+nothing when it is current; the files after its TXID when their chain starts at its
+checksum; a snapshot (or the whole log, when it starts at TXID 1) when it has no
+position; otherwise a RESYNC frame saying why (DIVERGED, TOO_OLD, AHEAD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from aiohttp import web
+
+import ltx
+from ltx import FLAG_NO_CHECKSUM, Header, Pos, Trailer
+from sidecar import frames
+from sidecar.auth import has_token, unauthorized
+from sidecar.cluster import ClusterState
+from sidecar.frames import DatabasePosition, FrameError, ResyncReason
+from sidecar.log import LTXLog
+
+log = logging.getLogger("ltx_sidecar.stream")
+
+_READ_CHUNK = 256 << 10
+
+
+class PrimarySource(Protocol):
+    """The primary's databases as the stream server needs them (sidecar.primary.Primary)."""
+
+    def names(self) -> list[str]: ...
+
+    def log_of(self, name: str) -> LTXLog | None: ...
+
+    async def snapshot(self, name: str, out: BinaryIO) -> Pos: ...
+
+    async def changed(self) -> None:
+        """Return when any database's log may have grown (or a database appeared)."""
+        ...
+
+
+@dataclass(slots=True)
+class _Replica:
+    """Where one replica stands for one database, as this stream has brought it."""
+
+    txid: int
+    checksum: int
+    resync_sent: bool = False
+
+
+def _trailer_of(path: Path) -> Trailer:
+    with open(path, "rb") as f:
+        f.seek(-ltx.TRAILER_SIZE, os.SEEK_END)
+        return Trailer.from_bytes(f.read(ltx.TRAILER_SIZE))
+
+
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
+    while chunk := f.read(_READ_CHUNK):
+        yield chunk
+
+
+def _conflict(state: ClusterState) -> web.Response:
+    primary = state.primary
+    where = f": the primary is {primary.node.node_id} at {primary.node.api_url}" if primary else ""
+    return web.Response(status=409, text=f"this node is not the primary{where}\n")
+
+
+class StreamServer:
+    """The /stream and /pos handlers of the primary's API."""
+
+    def __init__(
+        self,
+        state: ClusterState,
+        source: PrimarySource,
+        token: str,
+        *,
+        heartbeat_interval: float = 1.0,
+    ) -> None:
+        self.state = state
+        self.source = source
+        self.token = token
+        self.heartbeat_interval = heartbeat_interval
+        self.epoch = 0  # the term this server serves; set when the node becomes primary
+        self.stopping = asyncio.Event()
+        self._streams: set[asyncio.Task[None]] = set()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/stream", self.handle_stream), web.post("/pos", self.handle_pos)]
+
+    def start_term(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.stopping = asyncio.Event()
+
+    async def end_term(self) -> None:
+        """End every stream (with END) and wait for them: the term is over."""
+        self.stopping.set()
+        tasks = list(self._streams)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    def _serving(self) -> bool:
+        return self.state.is_primary and not self.stopping.is_set() and self.epoch > 0
+
+    # -- POST /stream -----------------------------------------------------------------------
+
+    async def handle_stream(self, request: web.Request) -> web.StreamResponse:
+        if not has_token(request, self.token):
+            return unauthorized()
+        if not self._serving():
+            return _conflict(self.state)
+        body = await request.content.read(frames.MAX_REQUEST_BODY + 1)
+        if len(body) > frames.MAX_REQUEST_BODY:
+            return web.Response(status=413, text="request body over 4 MiB\n")
+        try:
+            req = frames.parse_stream_request(body)
+        except FrameError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        if req.node_id == self.state.me.node_id:
+            return web.Response(status=400, text="a node cannot replicate from itself\n")
+        version = min(req.version, frames.PROTOCOL_VERSION)
+        if version not in frames.SUPPORTED_VERSIONS:
+            return web.Response(status=400, text=f"protocol version {req.version} unsupported\n")
+        resp = web.StreamResponse(headers={"Content-Type": frames.CONTENT_TYPE_FRAMES})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        self.state.replica_connected(req.node_id)
+        log.info("replica %s connected from %s", req.node_id, request.remote)
+        stream = _Stream(self, resp, req.node_id, self.epoch)
+        for db in req.databases:
+            stream.replicas[db.name] = _Replica(db.txid, db.checksum)
+        try:
+            await stream.run(version)
+        except (ConnectionResetError, ConnectionError) as exc:
+            log.info("replica %s disconnected: %s", req.node_id, exc or type(exc).__name__)
+        finally:
+            self._streams.discard(task)
+            self.state.replica_disconnected(req.node_id)
+        return resp
+
+    # -- POST /pos --------------------------------------------------------------------------
+
+    async def handle_pos(self, request: web.Request) -> web.Response:
+        if not has_token(request, self.token):
+            return unauthorized()
+        if not self._serving():
+            return _conflict(self.state)
+        decoder = frames.FrameDecoder("positions")
+        try:
+            async for chunk in request.content.iter_any():
+                for frame in decoder.feed(chunk):
+                    if not isinstance(frame, frames.Positions):
+                        continue
+                    if frame.epoch != self.epoch:
+                        return web.Response(
+                            status=409, text=f"epoch {frame.epoch} is not {self.epoch}\n"
+                        )
+                    self.state.replica_reported(
+                        frame.node_id, {p.name: (p.txid, p.checksum) for p in frame.positions}
+                    )
+            decoder.close()
+        except FrameError as exc:
+            return web.Response(status=400, text=f"{exc}\n")
+        return web.Response(status=204)
+
+
+class _Stream:
+    """One replica's stream: the first pass, then new files and heartbeats."""
+
+    def __init__(
+        self, server: StreamServer, resp: web.StreamResponse, node_id: str, epoch: int
+    ) -> None:
+        self.server = server
+        self.source = server.source
+        self.resp = resp
+        self.node_id = node_id
+        self.epoch = epoch
+        self.replicas: dict[str, _Replica] = {}
+        self._next_heartbeat = 0.0
+
+    async def send(self, frame: frames.Frame) -> None:
+        await self.resp.write(frames.encode(frame))
+
+    async def run(self, version: int) -> None:
+        me = self.server.state.me
+        await self.send(frames.Hello(self.epoch, me.node_id, me.api_url, version))
+        await self.catch_up_all()
+        await self.send(frames.Ready(self.epoch))
+        await self.heartbeat()
+        while self.server._serving() and self.epoch == self.server.epoch:
+            changed = asyncio.ensure_future(self.source.changed())
+            stopping = asyncio.ensure_future(self.server.stopping.wait())
+            timeout = max(0.0, self._next_heartbeat - time.monotonic())
+            try:
+                await asyncio.wait(
+                    {changed, stopping}, timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                changed.cancel()
+                stopping.cancel()
+            await self.catch_up_all()
+            if time.monotonic() >= self._next_heartbeat:
+                await self.heartbeat()
+        with contextlib.suppress(ConnectionError):
+            await self.send(frames.End(self.epoch))
+            await self.resp.write_eof()
+
+    async def heartbeat(self) -> None:
+        positions = []
+        for name in self.source.names():
+            ltx_log = self.source.log_of(name)
+            pos = ltx_log.pos if ltx_log else None
+            if pos is not None:
+                positions.append(DatabasePosition(name, pos.txid, pos.post_apply_checksum))
+        now_ms = int(time.time() * 1000)
+        for group in frames.split_positions(positions) if positions else [()]:
+            await self.send(frames.Heartbeat(self.epoch, now_ms, tuple(group)))
+        self._next_heartbeat = time.monotonic() + self.server.heartbeat_interval
+
+    async def catch_up_all(self) -> None:
+        for name in self.source.names():
+            await self.catch_up(name)
+
+    async def catch_up(self, name: str) -> None:
+        """Bring the replica's copy of `name` to the end of the log, or say why not."""
+        ltx_log = self.source.log_of(name)
+        if ltx_log is None:
+            return
+        for _attempt in range(3):  # files may vanish under retention: list again
+            pos = ltx_log.pos
+            if pos is None:
+                return
+            have = self.replicas.get(name)
+            if have is not None and have.resync_sent:
+                return
+            try:
+                if have is None:
+                    await self._bootstrap(name, ltx_log, pos)
+                else:
+                    await self._follow(name, ltx_log, pos, have)
+                return
+            except FileNotFoundError:
+                continue
+
+    async def _bootstrap(self, name: str, ltx_log: LTXLog, pos: Pos) -> None:
+        """A replica without a copy: the whole log if it starts at 1, else a snapshot."""
+        last = ltx_log.last_header
+        if last is not None and last.commit == 0:  # deleted: nothing to bring
+            self.replicas[name] = _Replica(pos.txid, pos.post_apply_checksum)
+            return
+        files = ltx_log.files_after(0)
+        if files is not None and len(files) <= 64:
+            await self._send_files(name, files)
+            return
+        with tempfile.TemporaryFile(dir=ltx_log.directory.parent) as spool:
+            snap = await self.source.snapshot(name, spool)
+            spool.seek(0)
+            await self._send_file(name, spool)
+        log.info("%s: sent a snapshot at TXID %d to %s", name, snap.txid, self.node_id)
+        self.server.state.count("snapshots_sent")
+        self.replicas[name] = _Replica(snap.txid, snap.post_apply_checksum)
+
+    async def _follow(self, name: str, ltx_log: LTXLog, pos: Pos, have: _Replica) -> None:
+        if have.txid == pos.txid:
+            if have.checksum != pos.post_apply_checksum:
+                await self._resync(name, pos, ResyncReason.DIVERGED)
+            return
+        if have.txid > pos.txid:
+            await self._resync(name, pos, ResyncReason.AHEAD)
+            return
+        files = ltx_log.files_after(have.txid)
+        if files is None:
+            await self._resync(name, pos, ResyncReason.TOO_OLD)
+            return
+        first = _header_of(files[0])
+        if not first.flags & FLAG_NO_CHECKSUM and first.pre_apply_checksum != have.checksum:
+            await self._resync(name, pos, ResyncReason.DIVERGED)
+            return
+        await self._send_files(name, files)
+
+    async def _send_files(self, name: str, files: list[Path]) -> None:
+        for path in files:
+            with open(path, "rb") as f:
+                await self._send_file(name, f)
+            header = _header_of(path)
+            trailer = _trailer_of(path)
+            self.replicas[name] = _Replica(header.max_txid, trailer.post_apply_checksum)
+
+    async def _send_file(self, name: str, f: BinaryIO) -> None:
+        for fragment in frames.ltx_fragments(self.epoch, name, _chunks(f)):
+            await self.send(fragment)
+
+    async def _resync(self, name: str, pos: Pos, reason: ResyncReason) -> None:
+        have = self.replicas[name]
+        log.info(
+            "%s: replica %s at TXID %d must resync (%s; primary at TXID %d)",
+            name,
+            self.node_id,
+            have.txid,
+            reason.name,
+            pos.txid,
+        )
+        await self.send(frames.Resync(self.epoch, name, reason, pos.txid, pos.post_apply_checksum))
+        have.resync_sent = True
+
+
+def _header_of(path: Path) -> Header:
+    with open(path, "rb") as f:
+        return Header.from_bytes(f.read(ltx.HEADER_SIZE), path=str(path))
