@@ -70,6 +70,20 @@ never a mix (DESIGN.md choice 3). The rules, enforced below:
   see an empty database) and truncating to it; the position becomes
   ``(max_txid, EMPTY_DB_CHECKSUM)`` and ``deleted`` is set. The caller then closes and
   removes the files (``remove_database_files``), as LiteFS does.
+* Resync (docs/protocol.md §7, the flow in sidecar/resync.py). ``begin_resync`` takes
+  the write lock (kept until the answer is applied or ``abort_resync``), reads every
+  page once, keeping a page hash and a page checksum of each (8 bytes a page apiece:
+  RESYNC_BEGIN, sent first, carries the checksum of them all) and returns the encoded
+  request body. ``apply_resync`` takes the answer: a snapshot applies as usual; a resync
+  file must have the checksum the replica sent as its pre-apply checksum (TXIDs are not
+  checked: it follows from the replica's pages, not from its history), must hold page 1,
+  and its post-apply checksum is predicted from the hashed pages' checksums and the
+  file's pages, before a byte is written. The pages hashed are the physical ones (page 1
+  with the replica's stamps); the file's page 1 replaces it, so the logical state after
+  the apply is exact. A resync clears ``problem`` and a detected local write, and the
+  log restarts with the answer alone (``LTXLog.restart_with``): its TXID may even be
+  below the old log's (a replica that was ahead). If the write lock was lost or the
+  database changed since the hashing, nothing is written (PositionMismatch).
 * Files and descriptors. The database and its ``-shm`` are touched only through the
   one sqlean connection (DESIGN.md choice 3: closing any other descriptor on them would
   drop SQLite's POSIX locks). ``<db>-pos`` holds exactly 34 bytes,
@@ -90,6 +104,7 @@ import shutil
 import struct
 import tempfile
 import threading
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,9 +120,18 @@ from ltx import (
     PageChecksums,
     Pos,
     Trailer,
+    lock_pgno,
     page_checksum,
 )
 from sidecar.fileutil import atomic_write
+from sidecar.frames import (
+    HASHES_PER_FRAME,
+    LOCK_PAGE_HASH,
+    ResyncBegin,
+    encode,
+    page_hash,
+    resync_request_frames,
+)
 from sidecar.log import LogError, LTXLog
 
 log = logging.getLogger("ltx_sidecar.apply")
@@ -272,6 +296,16 @@ class _Prepared:
         return self.spool.read(size)
 
 
+@dataclass(slots=True)
+class _Hashed:
+    """The replica's pages as hashed for a pending resync, under its write lock."""
+
+    begin: ResyncBegin
+    sums: PageChecksums  # checksums of the pages as hashed (physical page 1)
+    data_version: int  # when hashed: must be unchanged when the answer is written
+    was_held: bool  # the write lock was held before the resync (and stays held after)
+
+
 class ReplicaDatabase:
     """One replica database: applies LTX files and keeps its log, position and -pos file."""
 
@@ -292,6 +326,7 @@ class ReplicaDatabase:
         self._conn: Any = None
         self._held = False  # the write lock is held between applies
         self._held_primed = 0  # data_version when the held transaction's schema was loaded
+        self._held_pages = -1  # the page count just before it began (-1: unknown)
         # The logical state: what the applied LTX files say the database holds.
         self._txid = 0
         self._pos_checksum = 0  # the position's checksum (0 before any file)
@@ -302,6 +337,7 @@ class ReplicaDatabase:
         self._problem: str | None = None
         self._local_write = False  # the problem is a write by another connection
         self._data_version = 0
+        self._resync: _Hashed | None = None  # a resync request sent, its answer awaited
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._connect()
@@ -399,6 +435,7 @@ class ReplicaDatabase:
         with self._mutex:
             conn, self._conn = self._conn, None
             self._held = False
+            self._resync = None
             if conn is None:
                 return
             with contextlib.suppress(sqlean.Error):
@@ -669,6 +706,7 @@ class ReplicaDatabase:
         """
         with self._mutex:
             self._require_open()
+            self._require_no_resync(path)
             prepared = self._prepare(ltx_file, path)
             try:
                 self._check(prepared, append=True)
@@ -815,9 +853,17 @@ class ReplicaDatabase:
         if p.header.commit < physical_count:
             yield p.header.commit + 1, None
 
-    def _write(self, p: _Prepared, source: BinaryIO | None) -> None:
+    def _write(
+        self,
+        p: _Prepared,
+        source: BinaryIO | None,
+        *,
+        restart: bool = False,
+        hashed: _Hashed | None = None,
+    ) -> None:
         """Write a checked file in one transaction; append it to the log (unless it came
-        from there, ``source`` None) before COMMIT; then move the state."""
+        from there, ``source`` None; with ``restart`` the log restarts with it) before
+        COMMIT; then move the state. ``hashed``: a resync file, applied to those pages."""
         h = p.header
         conn = self._conn
         held = self._held
@@ -828,11 +874,14 @@ class ReplicaDatabase:
             appended = False
             try:
                 # A snapshot replaces every page: a local write before it does not matter.
-                version = self._begin_write(check_local=not h.is_snapshot, name=p.name)
+                if hashed is None:
+                    version = self._begin_write(check_local=not h.is_snapshot, name=p.name)
+                else:
+                    version = self._continue_resync(hashed, p.name)
                 physical = self._page_count()
                 conn.executemany(_INSERT_PAGE, self._rows(p, physical))
                 if source is not None:
-                    self._append(source, p)
+                    self._append(source, p, restart=restart)
                     appended = True
                 conn.execute("COMMIT")
             except BaseException as exc:
@@ -844,6 +893,8 @@ class ReplicaDatabase:
             # Our own commit does not change our data_version; nobody else could write
             # while we held the write lock, so the value read inside stays the baseline.
             self._data_version = version
+            if hashed is not None:
+                self._sums = hashed.sums  # the file applies to the pages as hashed
             self._advance(p)
         if p.page1 is not None:
             try:
@@ -862,12 +913,15 @@ class ReplicaDatabase:
         self._local_write = False
         log.error("%s: %s", self.path, self._problem)
 
-    def _append(self, source: BinaryIO, p: _Prepared) -> None:
+    def _append(self, source: BinaryIO, p: _Prepared, *, restart: bool = False) -> None:
         def write(out: BinaryIO) -> None:
             source.seek(p.start)
             shutil.copyfileobj(source, out, _COPY_CHUNK)
 
-        self.log.append(write)
+        if restart:
+            self.log.restart_with(write)
+        else:
+            self.log.append(write)
 
     def _abort(self, held: bool) -> None:
         conn = self._conn
@@ -1090,6 +1144,8 @@ class ReplicaDatabase:
         locked") rather than diverge the replica. Raises ApplyError if it is busy."""
         with self._mutex:
             self._require_open()
+            if self._resync is not None:
+                self._resync.was_held = True  # and stays held after the resync
             if self._held:
                 return
             try:
@@ -1098,7 +1154,9 @@ class ReplicaDatabase:
                 raise ApplyError(f"cannot take the write lock: {exc}", path=str(self.path)) from exc
 
     def release_write_lock(self) -> None:
+        """Let app writes through again (ends a pending resync: its pages may change)."""
         with self._mutex:
+            self._resync = None
             self._held = False
             conn = self._conn
             if conn is not None and conn.in_transaction:
@@ -1106,7 +1164,10 @@ class ReplicaDatabase:
 
     def _begin_held(self) -> None:
         if not self._conn.in_transaction:
+            before = self._read_data_version()
+            pages = self._page_count()  # read before BEGIN: see _hash_pages
             self._held_primed = self._prime()
+            self._held_pages = pages if self._held_primed == before else -1
             self._conn.execute("BEGIN IMMEDIATE")
         self._held = True
 
@@ -1124,6 +1185,7 @@ class ReplicaDatabase:
             raise ValueError(f"unknown checkpoint mode {mode!r}")
         with self._mutex:
             conn = self._require_open()
+            self._require_no_resync(str(self.path))
             held = self._held
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -1133,6 +1195,200 @@ class ReplicaDatabase:
                 if held:
                     self._retake_lock()
             return int(row[0]), int(row[1]), int(row[2])
+
+    # -- page-hash resync ------------------------------------------------------------------
+
+    @property
+    def resync_pending(self) -> bool:
+        """A resync request was made and its answer is awaited (the write lock is held)."""
+        return self._resync is not None
+
+    def begin_resync(
+        self,
+        *,
+        epoch: int,
+        node_id: str,
+        name: str | None = None,
+        per_frame: int = HASHES_PER_FRAME,
+    ) -> Iterator[bytes]:
+        """Start a page-hash resync; return the encoded POST /resync body, frame by frame.
+
+        Takes the write lock and reads every page once (see the module docstring); the
+        lock stays held until ``apply_resync`` or ``abort_resync``. The iterator only
+        encodes frames from what was read, so any thread may drain it. ``name`` is the
+        database's name in the cluster (default: the file name). Raises ApplyError when
+        the lock cannot be taken or the pages cannot be read; nothing is held then.
+        """
+        with self._mutex:
+            self._require_open()
+            self._require_no_resync(str(self.path))
+            was_held = self._held
+            try:
+                self._begin_held()
+                page_size, sums, hashes, version = self._hash_pages()
+            except BaseException as exc:
+                if not was_held:
+                    self.release_write_lock()
+                if isinstance(exc, sqlean.Error):
+                    raise ApplyError(
+                        f"cannot read the database for a resync: {exc}", path=str(self.path)
+                    ) from exc
+                raise
+            begin = ResyncBegin(
+                epoch,
+                node_id,
+                name or self.path.name,
+                page_size,
+                sums.pages,
+                self._txid,
+                sums.checksum(),
+            )
+            self._resync = _Hashed(begin, sums, version, was_held)
+            log.info(
+                "%s: resync requested: %d page(s) of %d bytes hashed, checksum %016x",
+                self.path,
+                sums.pages,
+                page_size,
+                begin.checksum,
+            )
+        return (encode(f) for f in resync_request_frames(begin, hashes, per_frame=per_frame))
+
+    def _hash_pages(self) -> tuple[int, PageChecksums, array[int], int]:
+        """Inside the write lock: (page size, page checksums, page hashes, data_version)."""
+        conn = self._conn
+        self._purge_cache()
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        version = self._read_data_version()
+        count = self._page_count()
+        if count == 1 and self._held_pages == 0 and version == self._held_primed:
+            # An empty file: a write transaction sees the page 1 SQLite would create.
+            count = 0
+        lock = lock_pgno(page_size)
+        sums = PageChecksums(page_size)
+        hashes: array[int] = array("Q")
+        if count > 0:
+            for pgno_, data in conn.execute("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno"):
+                pgno = int(pgno_)
+                if pgno != len(hashes) + 1:
+                    raise ApplyError(f"sqlite_dbpage gave page {pgno} after page {len(hashes)}")
+                if pgno == lock:
+                    hashes.append(LOCK_PAGE_HASH)
+                    sums.set(pgno, 0)
+                else:
+                    hashes.append(page_hash(data))
+                    sums.set(pgno, page_checksum(pgno, data))
+        if len(hashes) != count:
+            raise ApplyError(f"read {len(hashes)} page(s), the database has {count}")
+        return page_size, sums, hashes, version
+
+    def apply_resync(self, ltx_file: BinaryIO, *, path: str | None = None) -> Pos:
+        """Apply the answer to the pending resync (seekable, read from its offset).
+
+        Verified in full before anything is written (see the module docstring); on
+        success the log holds only this file, ``problem`` is cleared and the position
+        is the primary's. Either way the resync ends and the write lock goes back to
+        how it was before ``begin_resync``. Raises PositionMismatch when the file was
+        made for other pages than those hashed, ApplyError for anything else.
+        """
+        with self._mutex:
+            self._require_open()
+            hashed, self._resync = self._resync, None
+            if hashed is None:
+                raise ApplyError("no resync in progress: call begin_resync first", path=path)
+            try:
+                prepared = self._prepare(ltx_file, path)
+            except BaseException:
+                self._end_resync(hashed)
+                raise
+            try:
+                try:
+                    self._check_resync(prepared, hashed)
+                except BaseException:
+                    self._end_resync(hashed)
+                    raise
+                self._held = hashed.was_held  # _write re-takes the lock only if it was held
+                snapshot = prepared.header.is_snapshot
+                self._write(prepared, ltx_file, restart=True, hashed=None if snapshot else hashed)
+            finally:
+                prepared.spool.close()
+            log.warning(
+                "%s: resynced to TXID %d with %s of %d page(s)",
+                self.path,
+                self._txid,
+                "a snapshot" if snapshot else "a resync file",
+                len(prepared.pgnos),
+            )
+            return self.pos
+
+    def abort_resync(self) -> None:
+        """Give up a pending resync (the request failed): the write lock goes back to how
+        it was before ``begin_resync``."""
+        with self._mutex:
+            hashed, self._resync = self._resync, None
+            if hashed is not None and self._conn is not None:
+                self._end_resync(hashed)
+
+    def _end_resync(self, hashed: _Hashed) -> None:
+        if not hashed.was_held:
+            self.release_write_lock()
+
+    def _require_no_resync(self, name: str | None) -> None:
+        if self._resync is not None:
+            raise ApplyError(
+                "a resync is in progress: apply its answer (apply_resync) or abort it first",
+                path=name,
+            )
+
+    def _check_resync(self, p: _Prepared, hashed: _Hashed) -> None:
+        """Every check of a resync answer that can fail before a byte is written."""
+        h = p.header
+        begin = hashed.begin
+        if h.commit == 0:
+            raise ApplyError("a resync answer must hold pages, not a deletion", path=p.name)
+        if h.no_checksum:
+            raise ApplyError("a resync answer must carry checksums", path=p.name)
+        if h.is_snapshot:
+            p.post = self._predict(p)
+        else:
+            if h.min_txid != h.max_txid:
+                raise ApplyError(
+                    f"a resync file holds one TXID, not {h.min_txid}-{h.max_txid}", path=p.name
+                )
+            if h.page_size != begin.page_size or begin.page_count == 0:
+                raise ApplyError(
+                    f"a resync file of page size {h.page_size} for a replica of "
+                    f"{begin.page_count} page(s) of {begin.page_size} bytes: it needs a snapshot",
+                    path=p.name,
+                )
+            if h.pre_apply_checksum != begin.checksum:
+                raise PositionMismatch(
+                    f"pre-apply checksum {h.pre_apply_checksum:016x} is not the checksum "
+                    f"{begin.checksum:016x} the replica sent with its page hashes",
+                    path=p.name,
+                )
+            if p.page1 is None:
+                raise ApplyError("a resync file must hold page 1", path=p.name)
+            p.gap = hashed.sums.growth_gap(p.sums, h.commit)
+            p.post = hashed.sums.after(p.sums, h.commit)
+        if p.post != p.trailer.post_apply_checksum:
+            raise ApplyError(
+                f"applying the resync answer would give checksum {p.post:016x}, its trailer "
+                f"says {p.trailer.post_apply_checksum:016x}",
+                path=p.name,
+            )
+
+    def _continue_resync(self, hashed: _Hashed, name: str) -> int:
+        """In the write transaction of a resync file: the pages are still those hashed."""
+        if not self._conn.in_transaction:
+            raise PositionMismatch(
+                "the write lock was released since the pages were hashed; resync again",
+                path=name,
+            )
+        if self._read_data_version() != hashed.data_version:
+            raise PositionMismatch(
+                "the database changed since its pages were hashed; resync again", path=name
+            )
+        return hashed.data_version
 
 
 def _physically_empty(phys: _Physical) -> bool:

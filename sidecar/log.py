@@ -23,6 +23,10 @@ removes every other file, which such a crash left behind:
 * retention and compaction remove a prefix, oldest first; any subset of those
   removals may reach the disk, and the files cut off before a gap were on their
   way out.
+* a restart (``restart_with``: a replica's log after a page-hash resync holds
+  only the resync file, which starts from the replica's own pages) removes the
+  old files before renaming the new one in; a crash in between leaves a shorter
+  old chain or none, which the replica's reconciliation reports or resyncs.
 
 One writer at a time (appends, retention, compaction are serialized by a lock);
 readers (``pos``, ``files_after``, iteration) may run in other threads. A path
@@ -321,6 +325,45 @@ class LTXLog:
             with self._state:
                 self._mins.append(header.min_txid)
                 self._maxs.append(header.max_txid)
+                self._last = (header, trailer)
+            return final
+
+    def restart_with(self, data: bytes | Callable[[BinaryIO], object]) -> Path:
+        """Replace the whole log with one file; return its path.
+
+        For a replica after a resync (docs/protocol.md §7.3): the answer follows from
+        the replica's own pages, not from the old chain, and its TXID may be below the
+        old log's (a replica that was ahead). Any valid file is taken, snapshot or not;
+        a later append must follow it. The file is written and fsynced under a
+        temporary name first; then every old file is removed, oldest first, durably;
+        only then is the new one renamed in. A crash in between leaves a shorter old
+        chain or an empty log (the replica then resyncs or takes a snapshot), never
+        the old history shadowing the new file (they may even share a name).
+        """
+        with self._writer:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX)
+            try:
+                with os.fdopen(fd, "w+b") as f:
+                    if isinstance(data, bytes | bytearray | memoryview):
+                        f.write(data)
+                    else:
+                        data(f)
+                    f.flush()
+                    header, trailer = _read_ends(f, tmp)
+                    os.fchmod(f.fileno(), self._mode)
+                    os.fsync(f.fileno())
+                if self._mins:
+                    self._drop_prefix(len(self._mins))
+                final = self.path_of(header.min_txid, header.max_txid)
+                os.replace(tmp, final)
+                fsync_dir(self.directory)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            with self._state:
+                self._mins = [header.min_txid]
+                self._maxs = [header.max_txid]
                 self._last = (header, trailer)
             return final
 

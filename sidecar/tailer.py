@@ -56,6 +56,7 @@ Blocking I/O: the daemon runs a tailer's methods in a worker thread, one call at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -72,6 +73,7 @@ from ltx.encoder import Writable
 from sidecar import wal
 from sidecar.config import has_sqlite_magic
 from sidecar.log import LTXLog
+from sidecar.resync import PinnedReader, write_snapshot
 
 log = logging.getLogger("ltx_sidecar.tailer")
 
@@ -801,33 +803,49 @@ class DatabaseTailer:
         """Write a snapshot of the database at the log's last TXID to `out`.
 
         For a replica that is new or behind what retention kept: the snapshot is made on
-        demand rather than kept. Under the seal the log is brought to the end of the WAL
-        and the pin moved there, so the pinned pages are exactly the state at the last
-        TXID; the encoder recomputes the checksum from the pages, so a log that disagreed
-        with the database would fail here rather than reach a replica.
+        demand rather than kept, from a reader opened at the last TXID (``open_reader``);
+        every page is checked against the log's checksums, so a log that disagreed with
+        the database would fail here rather than reach a replica.
+        """
+        with self.open_reader() as reader:
+            return write_snapshot(reader, out, node_id=self.options.node_id)
+
+    def open_reader(self) -> PinnedReader:
+        """A consistent read of the database at the log's last TXID, for another thread.
+
+        Under the seal the log is brought to the end of the WAL and a read transaction
+        begun on a new connection, so it sees exactly the state at the last TXID; the
+        checksum array is copied with it. The tailer keeps syncing meanwhile: the
+        reader's read mark only makes checkpoints backfill less (and blocks the WAL
+        reset), which the checkpoint logic already allows for (a reader of the app's
+        does the same). Close it soon. Raises TailerError when there is nothing to read.
         """
         if self._pin is None:
             self.open()
-        with self._seal():
-            self._sync_wal()
-            self._repin()
-        self._sync_state()
-        if self._txid == 0 or self._sums.pages == 0:
-            raise TailerError(f"{self.path}: nothing to snapshot yet (no pages)")
-        header = Header(
-            page_size=self._page_size,
-            commit=self._sums.pages,
-            min_txid=1,
-            max_txid=self._txid,
-            timestamp=int(time.time() * 1000),
-            node_id=self.options.node_id,
-            **self._wal_fields(),
-        )
-        encoder = Encoder(out, header)
-        for pgno, data in self._pinned_pages():
-            encoder.write_page(pgno, data)
-        trailer = encoder.finish(self._checksum())
-        return ltx.Pos(self._txid, trailer.post_apply_checksum)
+        if self._database_replaced():
+            raise TailerError(f"{self.path}: the database file was deleted or replaced")
+        conn = _connect(self.path, max(1, int(self.options.seal_timeout * 1000)))
+        try:
+            try:
+                with self._seal():
+                    self._sync_wal()
+                    conn.execute("BEGIN")
+                    conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+            except _SealBusy as exc:
+                raise TailerError(
+                    f"{self.path}: the write lock stayed busy, so no consistent read could "
+                    f"begin: {exc} (retrying)"
+                ) from exc
+            self._sync_state()
+            if self._txid == 0 or self._sums.pages == 0:
+                raise TailerError(f"{self.path}: nothing to read yet (no pages)")
+            return PinnedReader(conn, path=self.path, txid=self._txid, sums=self._sums.copy())
+        except BaseException:
+            with contextlib.suppress(sqlean.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.close()
+            raise
 
     def _write_deletion(self, reason: str) -> None:
         if self._txid == 0:
