@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -26,10 +28,15 @@ import ltx
 from sidecar.auth import load_token
 from sidecar.cluster import ClusterState, NodeInfo, Primary
 from sidecar.config import Config
+from sidecar.execute import handle_execute
+from sidecar.lease import Lease, LeaseError, Term, candidate_should_wait, open_lease
 from sidecar.primary import DatabaseWorker
 from sidecar.primary import Primary as PrimaryRole
+from sidecar.proxy import handle_wait_txid, start_proxy
 from sidecar.replica import ReplicaRole, remove_primary_files
+from sidecar.resync import PinnedReader
 from sidecar.stream_server import StreamServer
+from sidecar.tailer import TailerError
 
 log = logging.getLogger("ltx_sidecar.node")
 
@@ -60,7 +67,10 @@ class Node:
             self.token,
             heartbeat_interval=cfg.replication.heartbeat_interval.total_seconds(),
         )
+        self.stream_server.spool_dir = cfg.data_dir
         self._runner: web.AppRunner | None = None
+        self.lease: Lease | None = None
+        self._last_lease_problem: str | None = None
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -70,7 +80,13 @@ class Node:
         app["token"] = self.token
         app["db_path"] = self.db_path
         app.add_routes(self.stream_server.routes())
-        app.add_routes([web.get("/status", self._status)])
+        app.add_routes(
+            [
+                web.get("/status", self._status),
+                web.get("/txid/wait", handle_wait_txid),
+                web.post("/db/{name}/execute", handle_execute),
+            ]
+        )
         return app
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -99,15 +115,138 @@ class Node:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start_api()
+        proxy: web.AppRunner | None = None
         try:
-            if self.cfg.lease.type == "static" and not self.cfg.lease.primary_url:
-                await self.run_primary(STATIC_EPOCH, stop)
-            elif self.cfg.lease.type == "static":
-                await self.run_replica(self.cfg.lease.primary_url, stop)
-            else:
-                raise NotImplementedError("redis lease")
+            if self.cfg.proxy.enabled:
+                proxy = await start_proxy(self.cfg, self.state, self.token)
+                log.info("proxy on http://%s:%d", self.cfg.proxy.host, self.cfg.proxy.port)
+            self.lease = open_lease(self.cfg, self.me)
+            await self._roles(stop)
         finally:
+            if proxy is not None:
+                await proxy.cleanup()
+            if self.lease is not None:
+                await self.lease.close()
             await self.stop_api()
+
+    async def _roles(self, stop: asyncio.Event) -> None:
+        """Take the lease or follow whoever holds it, until `stop`."""
+        assert self.lease is not None
+        lease = self.lease
+        retry = max(0.05, min(1.0, lease.renew_interval))
+        while not stop.is_set():
+            term: Term | None = None
+            if self.cfg.candidate and not await self._should_wait(lease):
+                try:
+                    term = await lease.acquire(self.me)
+                except LeaseError as exc:
+                    self._lease_problem(f"cannot take the lease: {exc}")
+            if term is not None:
+                await self._primary_term(lease, term, stop)
+                continue
+            try:
+                holder = await lease.current()
+            except LeaseError as exc:
+                self._lease_problem(f"cannot read the lease: {exc}")
+                holder = None
+            if holder is not None and holder.holder.node_id == self.me.node_id:
+                # Our own term from before a restart: renew it as ours, or wait it out.
+                renewed = await _quietly(lease.renew(holder))
+                if renewed is not None:
+                    await self._primary_term(lease, renewed, stop)
+                    continue
+                holder = None
+            if holder is None:
+                await _sleep_or(stop, retry)
+                continue
+            lease.observe_epoch(holder.epoch)
+            await self._replica_term(lease, holder, stop)
+
+    def _lease_problem(self, message: str) -> None:
+        if message != self._last_lease_problem:
+            log.warning("%s", message)
+            self._last_lease_problem = message
+
+    async def _should_wait(self, lease: Lease) -> bool:
+        """A candidate behind the primary's last position leaves the lease to a better one."""
+        try:
+            published, others = await lease.positions()
+        except LeaseError:
+            return False
+        others.pop(self.me.node_id, None)
+        mine = {v.name: (v.txid, v.checksum) for v in self.state}
+        return candidate_should_wait(mine, published, others)
+
+    async def _primary_term(self, lease: Lease, term: Term, stop: asyncio.Event) -> None:
+        """Act as primary while the term lasts: renew it, and stop before it can expire."""
+        self._last_lease_problem = None
+        until = asyncio.Event()
+        role = asyncio.create_task(self.run_primary(term.epoch, until), name="primary")
+        try:
+            while not stop.is_set() and not role.done():
+                wait = min(lease.renew_interval, term.expires - time.monotonic())
+                await _sleep_or(stop, max(0.0, wait))
+                if stop.is_set():
+                    break
+                if time.monotonic() >= term.expires:
+                    log.warning("the lease expired before it could be renewed: stepping down")
+                    break
+                try:
+                    budget = max(0.01, term.expires - time.monotonic())
+                    renewed = await asyncio.wait_for(lease.renew(term), budget)
+                except (LeaseError, TimeoutError) as exc:
+                    self._lease_problem(f"cannot renew the lease: {exc or 'timed out'}")
+                    continue
+                if renewed is None:
+                    log.warning("the lease was lost (epoch %d): stepping down", term.epoch)
+                    break
+                term = renewed
+                self._last_lease_problem = None
+                with contextlib.suppress(LeaseError):
+                    await lease.publish(self.me, self._positions(), primary=True)
+        finally:
+            until.set()
+            await asyncio.gather(role, return_exceptions=True)
+        if stop.is_set():
+            with contextlib.suppress(LeaseError):
+                await lease.release(term)
+                log.info("released the lease (epoch %d)", term.epoch)
+
+    async def _replica_term(self, lease: Lease, holder: Term, stop: asyncio.Event) -> None:
+        """Follow `holder` until the lease names someone else (or nobody, for a candidate)."""
+        until = asyncio.Event()
+        self.state.set_role("replica", Primary(holder.holder, holder.epoch))
+        role = asyncio.create_task(self.run_replica(holder.holder.api_url, until), name="replica")
+        try:
+            while not stop.is_set() and not role.done():
+                await _sleep_or(stop, lease.renew_interval)
+                if stop.is_set():
+                    break
+                try:
+                    current = await lease.current()
+                except LeaseError as exc:
+                    self._lease_problem(f"cannot read the lease (still following): {exc}")
+                    continue
+                self._last_lease_problem = None
+                if self.cfg.candidate:
+                    with contextlib.suppress(LeaseError):
+                        await lease.publish(self.me, self._positions(), primary=False)
+                if current is None:
+                    if self.cfg.candidate:
+                        log.info("the primary's lease is gone: trying to take it")
+                        break
+                    continue
+                if current.holder != holder.holder or current.epoch != holder.epoch:
+                    log.info(
+                        "the primary is now %s (epoch %d)", current.holder.node_id, current.epoch
+                    )
+                    break
+        finally:
+            until.set()
+            await asyncio.gather(role, return_exceptions=True)
+
+    def _positions(self) -> dict[str, tuple[int, int]]:
+        return {v.name: (v.txid, v.checksum) for v in self.state if not v.deleted}
 
     async def run_primary(self, epoch: int, until: asyncio.Event) -> None:
         """Act as the primary of term `epoch` until `until` is set."""
@@ -127,6 +266,7 @@ class Node:
             self.state.sync_hook = None
             self.primary = None
             self.state.set_role("candidate", None)
+            log.info("no longer primary (epoch %d)", epoch)
 
     def _published(self, worker: DatabaseWorker) -> None:
         pos = worker.pos
@@ -150,7 +290,8 @@ class Node:
         """Follow the primary at `primary_url` until `until` is set."""
         replica = ReplicaRole(self.cfg, self.state, self.token)
         self.replica = replica
-        self.state.set_role("replica", self.state.primary)
+        if self.state.role != "replica":
+            self.state.set_role("replica", self.state.primary)
         try:
             await replica.run(primary_url, until)
         finally:
@@ -159,8 +300,25 @@ class Node:
             self.replica = None
 
 
+async def _sleep_or(stop: asyncio.Event, delay: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
+
+
+async def _quietly(call: Awaitable[Term | None]) -> Term | None:
+    try:
+        return await call
+    except LeaseError:
+        return None
+
+
 class _NoDatabases:
     """The stream server's source while this node is not the primary."""
+
+    node_id_number = 0
+
+    async def open_reader(self, name: str) -> PinnedReader:
+        raise TailerError("not the primary")
 
     def names(self) -> list[str]:
         return []

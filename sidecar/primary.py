@@ -27,6 +27,7 @@ import ltx
 from sidecar.config import Config, DatabaseNameError, looks_like_sqlite
 from sidecar.fileutil import atomic_write
 from sidecar.log import LTXLog
+from sidecar.resync import PinnedReader, write_snapshot
 from sidecar.tailer import DatabaseTailer, TailerError, TailerOptions
 
 T = TypeVar("T")
@@ -253,6 +254,10 @@ class Primary:
 
     # -- what the stream server reads (sidecar.stream_server.PrimarySource) ----------------
 
+    @property
+    def node_id_number(self) -> int:
+        return node_id_number(self.cfg.node_id)
+
     def names(self) -> list[str]:
         return list(self.by_name)
 
@@ -260,8 +265,21 @@ class Primary:
         worker = self.by_name.get(name)
         return worker.log if worker else None
 
+    async def open_reader(self, name: str) -> PinnedReader:
+        """The database exactly at its log's last TXID, readable from any one thread."""
+        worker = self.by_name.get(name)
+        if worker is None:
+            raise TailerError(f"{name}: no such database on this primary")
+        return await worker.exclusive(lambda tailer: tailer.open_reader())
+
     async def snapshot(self, name: str, out: BinaryIO) -> ltx.Pos:
-        return await self.by_name[name].exclusive(lambda tailer: tailer.snapshot_to(out))
+        """A snapshot for a new replica, written while the tailer keeps following."""
+        reader = await self.open_reader(name)
+        node_id = node_id_number(self.cfg.node_id)
+        try:
+            return await asyncio.to_thread(write_snapshot, reader, out, node_id=node_id)
+        finally:
+            await asyncio.to_thread(reader.close)
 
     async def changed(self) -> None:
         await self._changed.wait()

@@ -43,17 +43,27 @@ from sidecar.auth import bearer
 from sidecar.cluster import ClusterState, NodeInfo, Primary
 from sidecar.config import Config, DatabaseNameError, validate_db_name
 from sidecar.fileutil import atomic_write, fsync_dir
-from sidecar.frames import DatabasePosition, FrameError
+from sidecar.frames import DatabasePosition, FrameError, ResyncReason
 from sidecar.log import LTXLog
+from sidecar.primary import node_id_number
 
 log = logging.getLogger("ltx_sidecar.replica")
 
-_LOCAL_WRITE_CHECK = 1.0  # seconds between checks for writes that landed anyway
+_MAX_GROUP = 256  # files applied as one transaction when they are queued together
+_LOCAL_WRITE_CHECK = 1.0
+_MAX_FAILED_RESYNCS = 3  # seconds between checks for writes that landed anyway
 PRIMARY_FILE = ".primary"
 
 
 class StreamClosed(Exception):
     """The stream ended (END, EOF, or a reconnect was asked for)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ResyncAsked:
+    """The primary sent RESYNC for this database: resync once queued files are done."""
+
+    frame: frames.Resync
 
 
 @dataclass(slots=True)
@@ -64,9 +74,11 @@ class _Db:
     path: Path
     replica: ReplicaDatabase | None = None
     incoming: IO[bytes] | None = None
-    queue: asyncio.Queue[Path] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Path | _ResyncAsked] = field(default_factory=asyncio.Queue)
     applier: asyncio.Task[None] | None = None
-    want_snapshot: bool = False  # ask for it again without a position
+    want_resync: bool = False  # the copy cannot continue from its position
+    failed_resyncs: int = 0  # in a row; past a few, the copy is dropped for a snapshot
+    forget: bool = False  # drop the copy's history and take a snapshot instead
     applying: bool = False
 
 
@@ -82,6 +94,8 @@ class ReplicaRole:
         self._reports: asyncio.Queue[str] = asyncio.Queue()
         self._epoch = 0
         self._incoming_dir = cfg.data_dir / "incoming"
+        self._session: aiohttp.ClientSession | None = None
+        self._url: str | None = None
 
     # -- databases --------------------------------------------------------------------------
 
@@ -130,7 +144,7 @@ class ReplicaRole:
                     replica.hold_write_lock()
             db.replica = replica
             if replica.problem is not None:
-                db.want_snapshot = True
+                db.want_resync = True
         return db.replica
 
     async def open_existing(self) -> None:
@@ -213,6 +227,7 @@ class ReplicaRole:
             self.state.set_ready(False)
 
     async def _stream_once(self, session: aiohttp.ClientSession, url: str) -> None:
+        self._session, self._url = session, url
         await self._settle()
         self._reconnect = asyncio.Event()
         request = frames.StreamRequest(self.state.me.node_id, tuple(self._positions()))
@@ -254,8 +269,9 @@ class ReplicaRole:
         for db in list(self.dbs.values()):
             while (not db.queue.empty() or db.applying) and db.applier and not db.applier.done():
                 await asyncio.sleep(0.01)
-            if db.want_snapshot:
+            if db.forget:
                 await asyncio.to_thread(self._forget, db)
+                db.forget = db.want_resync = False
 
     def _forget(self, db: _Db) -> None:
         """Drop the log of a copy we no longer trust; keep the database for its readers.
@@ -275,14 +291,18 @@ class ReplicaRole:
         fsync_dir(ltx_dir)
 
     def _positions(self) -> list[DatabasePosition]:
+        """What to tell the primary. A copy in doubt is sent with checksum 0, which no
+        database has (bit 63 is always set): the primary answers RESYNC for it."""
         out = []
         for db in self.dbs.values():
             replica = db.replica
-            if replica is None or db.want_snapshot or replica.problem is not None:
+            if replica is None:
                 continue
             pos = replica.pos
-            if pos.txid > 0:
-                out.append(DatabasePosition(db.name, pos.txid, pos.post_apply_checksum))
+            if pos.txid == 0:
+                continue
+            doubt = db.want_resync or replica.problem is not None
+            out.append(DatabasePosition(db.name, pos.txid, 0 if doubt else pos.post_apply_checksum))
         return out
 
     def _hello(self, hello: frames.Hello, url: str) -> None:
@@ -306,13 +326,13 @@ class ReplicaRole:
             db = self._db(frame.name)
             if db is not None:
                 log.warning(
-                    "%s: the primary cannot continue our copy (%s); asking for a snapshot",
+                    "%s: the primary cannot continue our copy (%s; it is at TXID %d): "
+                    "resyncing by page hashes",
                     frame.name,
                     frame.reason.name,
+                    frame.txid,
                 )
-                self.state.count("resyncs")
-                db.want_snapshot = True
-                self._reconnect.set()
+                db.queue.put_nowait(_ResyncAsked(frame))
         elif isinstance(frame, frames.End):
             log.info("the primary ended the stream")
 
@@ -347,37 +367,79 @@ class ReplicaRole:
 
     async def _apply_loop(self, db: _Db) -> None:
         while True:
-            path = await db.queue.get()
+            item = await db.queue.get()
+            if isinstance(item, _ResyncAsked):
+                db.applying = True
+                try:
+                    await self._resync(db, item.frame)
+                finally:
+                    db.applying = False
+                continue
+            paths = [item]
+            while not db.queue.empty() and len(paths) < _MAX_GROUP:
+                nxt = db.queue.get_nowait()
+                if isinstance(nxt, _ResyncAsked):  # only after a RESYNC: no files follow
+                    db.queue.put_nowait(nxt)
+                    break
+                paths.append(nxt)
             db.applying = True
             try:
-                await self._apply_one(db, path)
+                for group in _groups(paths):
+                    if not await self._apply_group(db, group):
+                        break
             finally:
                 db.applying = False
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
-    async def _apply_one(self, db: _Db, path: Path) -> None:
+    async def _apply_group(self, db: _Db, group: list[Path]) -> bool:
+        """Apply files that arrived together as one transaction (compacted first).
+
+        Each apply costs a durable log append and a commit whatever its size, so a
+        replica that fell behind (a burst, a slow disk) catches up in a few applies
+        rather than one per transaction.
+        """
+        if len(group) == 1:
+            return await self._apply_one(db, group[0])
+        merged = group[0].with_name(group[0].name + ".merged")
+        try:
+            await asyncio.to_thread(_compact, group, merged)
+        except (ltx.LTXError, OSError) as exc:
+            log.warning(
+                "%s: cannot merge %d files, applying one by one: %s", db.name, len(group), exc
+            )
+            for path in group:
+                if not await self._apply_one(db, path):
+                    return False
+            return True
+        try:
+            return await self._apply_one(db, merged)
+        finally:
+            merged.unlink(missing_ok=True)
+
+    async def _apply_one(self, db: _Db, path: Path) -> bool:
+        """Apply one file; False when the copy must be asked for again."""
         try:
             replica, deleted = await asyncio.to_thread(self._apply_blocking, db, path)
         except PositionMismatch as exc:
-            log.warning("%s: %s; asking for a snapshot", db.name, exc.reason)
-            self.state.count("resyncs")
-            db.want_snapshot = True
+            log.warning("%s: %s; resyncing", db.name, exc.reason)
+            db.want_resync = True
             self._clear_queue(db)
             self._reconnect.set()
-            return
+            return False
         except (ApplyError, OSError) as exc:
             log.warning("%s: not applied, asking again: %s", db.name, exc)
             self.state.count("apply_errors")
             self._clear_queue(db)
             self._reconnect.set()
-            return
+            return False
         if deleted:
             await self._delete(db)
-            return
-        db.want_snapshot = False
+            return False
         self._publish(db, replica)
         self._reports.put_nowait(db.name)
+        return True
 
     def _apply_blocking(self, db: _Db, path: Path) -> tuple[ReplicaDatabase, bool]:
         replica = self._open(db)
@@ -387,8 +449,97 @@ class ReplicaRole:
 
     def _clear_queue(self, db: _Db) -> None:
         while not db.queue.empty():
-            with contextlib.suppress(FileNotFoundError):
-                db.queue.get_nowait().unlink()
+            item = db.queue.get_nowait()
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+
+    # -- resync ----------------------------------------------------------------------------
+
+    async def _resync(self, db: _Db, asked: frames.Resync) -> None:
+        """Bring the copy to the primary's state by page hashes (docs/protocol.md section 7).
+
+        Afterwards the stream is opened again from the new position (this stream's primary
+        sends nothing more for the database after RESYNC). A copy that fails to resync
+        a few times in a row is dropped for a snapshot instead.
+        """
+        self.state.count("resyncs")
+        try:
+            replica = await asyncio.to_thread(self._open, db)
+            if asked.reason in (ResyncReason.AHEAD, ResyncReason.DIVERGED):
+                await asyncio.to_thread(self._quarantine, db, replica, asked)
+            pos = await self._page_hash_resync(db, replica)
+        except (ApplyError, OSError, aiohttp.ClientError, TimeoutError, StreamClosed) as exc:
+            db.failed_resyncs += 1
+            log.warning("%s: resync failed (%d in a row): %s", db.name, db.failed_resyncs, exc)
+            if db.failed_resyncs >= _MAX_FAILED_RESYNCS:
+                log.warning("%s: dropping the copy's history for a snapshot", db.name)
+                db.forget = True
+            db.want_resync = True
+            self._reconnect.set()
+            return
+        db.failed_resyncs = 0
+        db.want_resync = False
+        log.info("%s: resynced to TXID %d", db.name, pos.txid)
+        self._publish(db, replica)
+        self._reports.put_nowait(db.name)
+        self._reconnect.set()
+
+    async def _page_hash_resync(self, db: _Db, replica: ReplicaDatabase) -> ltx.Pos:
+        assert self._session is not None and self._url is not None
+        request = await asyncio.to_thread(
+            lambda: list(
+                replica.begin_resync(epoch=self._epoch, node_id=self.state.me.node_id, name=db.name)
+            )
+        )
+        try:
+            headers = {**bearer(self.token), "Content-Type": frames.CONTENT_TYPE_FRAMES}
+            async with self._session.post(
+                f"{self._url.rstrip('/')}/resync", data=_body(request), headers=headers
+            ) as resp:
+                if resp.status != 200:
+                    text = (await resp.text()).strip()
+                    raise StreamClosed(f"POST /resync: HTTP {resp.status}: {text or resp.reason}")
+                self._incoming_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=self._incoming_dir) as answer:
+                    async for chunk in resp.content.iter_chunked(1 << 20):
+                        answer.write(chunk)
+                    answer.seek(0)
+                    return await asyncio.to_thread(replica.apply_resync, answer)
+        finally:
+            if replica.resync_pending:
+                await asyncio.to_thread(replica.abort_resync)
+
+    def _quarantine(self, db: _Db, replica: ReplicaDatabase, asked: frames.Resync) -> None:
+        """Keep the transactions this node wrote as primary that the new primary lacks.
+
+        They are not merged: the resync replaces them. The LTX files this node wrote
+        itself (their header names it) past the primary's TXID (or, when the histories
+        diverged, all of them) are copied to <data-dir>/quarantine/<db>/, with a log line.
+        """
+        me = node_id_number(self.cfg.node_id)
+        keep: list[tuple[int, int, Path]] = []
+        for mn, mx, path in replica.log:
+            if asked.reason == ResyncReason.AHEAD and mx <= asked.txid:
+                continue
+            with contextlib.suppress(OSError, ltx.LTXError), open(path, "rb") as f:
+                if ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE)).node_id == me:
+                    keep.append((mn, mx, path))
+        if not keep:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        folder = self.cfg.data_dir / "quarantine" / db.name / f"{stamp}-epoch{self._epoch}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for _, _, path in keep:
+            shutil.copy2(path, folder / path.name)
+        log.warning(
+            "%s: quarantined TXIDs %d-%d that the primary (at TXID %d) never received: %s",
+            db.name,
+            keep[0][0],
+            keep[-1][1],
+            asked.txid,
+            folder,
+        )
+        self.state.count("quarantined_files", len(keep))
 
     async def _delete(self, db: _Db) -> None:
         log.info("%s: deleted on the primary; removing it here", db.name)
@@ -409,7 +560,7 @@ class ReplicaRole:
             await asyncio.sleep(_LOCAL_WRITE_CHECK)
             for db in list(self.dbs.values()):
                 replica = db.replica
-                if replica is None or db.want_snapshot:
+                if replica is None or db.want_resync or replica.resync_pending:
                     continue
                 try:
                     wrote = await asyncio.to_thread(replica.detect_local_writes)
@@ -418,12 +569,12 @@ class ReplicaRole:
                     continue
                 if wrote:
                     log.warning(
-                        "%s: a local write landed on this replica; undoing it with a snapshot "
+                        "%s: a local write landed on this replica; undoing it with a resync "
                         "from the primary",
                         db.name,
                     )
                     self.state.count("local_writes")
-                    db.want_snapshot = True
+                    db.want_resync = True
                     self._reconnect.set()
 
     # -- reporting -------------------------------------------------------------------------
@@ -497,6 +648,39 @@ def remove_primary_files(cfg: Config) -> None:
             (directory / PRIMARY_FILE).unlink(missing_ok=True)
 
 
+def _groups(paths: list[Path]) -> list[list[Path]]:
+    """Runs of files that can be merged: incremental, non-empty; snapshots and deletions
+    stand alone (a snapshot must be applied as one, a deletion empties the database)."""
+    groups: list[list[Path]] = []
+    run: list[Path] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                header = ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE))
+            mergeable = not header.is_snapshot and header.commit > 0
+        except (ltx.LTXError, OSError):
+            mergeable = False  # the apply reports it
+        if mergeable:
+            run.append(path)
+            continue
+        if run:
+            groups.append(run)
+            run = []
+        groups.append([path])
+    if run:
+        groups.append(run)
+    return groups
+
+
+def _compact(paths: list[Path], out_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        decoders = [
+            ltx.open_decoder(stack.enter_context(open(p, "rb")), path=str(p)) for p in paths
+        ]
+        with open(out_path, "wb") as out:
+            ltx.compact(decoders, out)
+
+
 def _peek_txid(path: Path) -> tuple[int, int]:
     """The file's max TXID and post-apply checksum, for lag accounting."""
     with open(path, "rb") as f:
@@ -537,6 +721,11 @@ def _consume(task: asyncio.Future[bytes]) -> None:
     """Retrieve a finished read's exception (the stream is being dropped anyway)."""
     if not task.cancelled():
         task.exception()
+
+
+async def _body(frames_: list[bytes]) -> AsyncIterator[bytes]:
+    for data in frames_:
+        yield data
 
 
 async def _outcome(task: asyncio.Task[None]) -> str | None:

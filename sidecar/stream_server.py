@@ -35,6 +35,8 @@ from sidecar.auth import has_token, unauthorized
 from sidecar.cluster import ClusterState
 from sidecar.frames import DatabasePosition, FrameError, ResyncReason
 from sidecar.log import LTXLog
+from sidecar.resync import PinnedReader, ReaderError, ResyncBuilder, ResyncError
+from sidecar.tailer import TailerError
 
 log = logging.getLogger("ltx_sidecar.stream")
 
@@ -49,6 +51,11 @@ class PrimarySource(Protocol):
     def log_of(self, name: str) -> LTXLog | None: ...
 
     async def snapshot(self, name: str, out: BinaryIO) -> Pos: ...
+
+    async def open_reader(self, name: str) -> PinnedReader: ...
+
+    @property
+    def node_id_number(self) -> int: ...
 
     async def changed(self) -> None:
         """Return when any database's log may have grown (or a database appeared)."""
@@ -97,11 +104,16 @@ class StreamServer:
         self.token = token
         self.heartbeat_interval = heartbeat_interval
         self.epoch = 0  # the term this server serves; set when the node becomes primary
+        self.spool_dir: Path | None = None  # where resync answers are spooled
         self.stopping = asyncio.Event()
         self._streams: set[asyncio.Task[None]] = set()
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/stream", self.handle_stream), web.post("/pos", self.handle_pos)]
+        return [
+            web.post("/stream", self.handle_stream),
+            web.post("/pos", self.handle_pos),
+            web.post("/resync", self.handle_resync),
+        ]
 
     def start_term(self, epoch: int) -> None:
         self.epoch = epoch
@@ -180,6 +192,80 @@ class StreamServer:
         except FrameError as exc:
             return web.Response(status=400, text=f"{exc}\n")
         return web.Response(status=204)
+
+    # -- POST /resync -----------------------------------------------------------------------
+
+    async def handle_resync(self, request: web.Request) -> web.StreamResponse:
+        """Answer a replica's page hashes with one LTX file (docs/protocol.md section 7)."""
+        if not has_token(request, self.token):
+            return unauthorized()
+        if not self._serving():
+            return _conflict(self.state)
+        decoder = frames.FrameDecoder("resync")
+        builder: ResyncBuilder | None = None
+        reader: PinnedReader | None = None
+        spool = tempfile.TemporaryFile(dir=self.spool_dir)  # noqa: SIM115 - closed below
+        try:
+            async for chunk in request.content.iter_chunked(1 << 20):
+                for frame in decoder.feed(chunk):
+                    if isinstance(frame, frames.ResyncBegin):
+                        if frame.epoch != self.epoch:
+                            return web.Response(
+                                status=409, text=f"epoch {frame.epoch} is not {self.epoch}\n"
+                            )
+                        if frame.name not in self.source.names():
+                            return web.Response(status=404, text=f"no database {frame.name!r}\n")
+                        reader = await self.source.open_reader(frame.name)
+                        builder = ResyncBuilder(
+                            reader, frame, spool, node_id=self.source.node_id_number
+                        )
+                        begin = frame
+                    elif isinstance(frame, frames.PageHashes) and builder is not None:
+                        await asyncio.to_thread(builder.add, frame)
+            decoder.close()
+            if builder is None:
+                return web.Response(status=400, text="no RESYNC_BEGIN frame\n")
+            pos = await asyncio.to_thread(builder.finish)
+        except (FrameError, ResyncError) as exc:
+            spool.close()
+            return web.Response(status=400, text=f"{exc}\n")
+        except (ReaderError, TailerError) as exc:
+            spool.close()
+            log.warning("resync for %s failed: %s", request.remote, exc)
+            return web.Response(status=503, text=f"{exc}\n")
+        except BaseException:
+            spool.close()
+            raise
+        finally:
+            if reader is not None:
+                await asyncio.to_thread(reader.close)
+        kind = "snapshot" if builder.is_snapshot else f"{builder.pages_sent} page(s)"
+        log.info(
+            "%s: resync of %s from TXID %d: %s up to TXID %d",
+            begin.name,
+            begin.node_id,
+            begin.txid,
+            kind,
+            pos.txid,
+        )
+        self.state.count("resyncs_served")
+        size = spool.seek(0, os.SEEK_END)
+        spool.seek(0)
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Ltx-Epoch": str(self.epoch),
+                "Content-Length": str(size),
+            }
+        )
+        await resp.prepare(request)
+        try:
+            while chunk := spool.read(_READ_CHUNK):
+                await resp.write(chunk)
+            await resp.write_eof()
+        finally:
+            spool.close()
+        return resp
 
 
 class _Stream:
