@@ -316,12 +316,17 @@ class ReplicaDatabase:
         *,
         busy_timeout: float = 5.0,
         page1_path: Path | None = None,
+        durable: bool = True,
     ) -> None:
         self.path = Path(path)
         self.log = ltx_log
         self.pos_path = pos_path_for(self.path)
         self.page1_path = page1_path or ltx_log.directory.parent / "page1"
         self.busy_timeout = busy_timeout
+        # durable=False: commits are not fsynced (synchronous=NORMAL); pair it with a log
+        # opened with durable=False. A process crash loses nothing either way; after a
+        # power loss the database and log may disagree, which open reports (resync).
+        self.durable = durable
         self._mutex = threading.RLock()
         self._conn: Any = None
         self._held = False  # the write lock is held between applies
@@ -411,7 +416,8 @@ class ReplicaDatabase:
         )
         self._conn = conn
         conn.execute(f"PRAGMA busy_timeout={max(0, int(self.busy_timeout * 1000))}")
-        conn.execute("PRAGMA synchronous=FULL")  # COMMIT durable before the pos file says so
+        # COMMIT durable before the pos file says so, unless durability is the primary's job.
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         if self._page_count() > 0:
             self._ensure_wal()
             return
@@ -538,7 +544,7 @@ class ReplicaDatabase:
         return int(txid), data[_PAGE1_HEAD.size :]
 
     def _write_page1_file(self, page1: bytes) -> None:
-        with atomic_write(self.page1_path) as f:
+        with atomic_write(self.page1_path, durable=self.durable) as f:
             f.write(_PAGE1_HEAD.pack(PAGE1_MAGIC, self._txid, self._pos_checksum))
             f.write(page1)
 
@@ -553,9 +559,14 @@ class ReplicaDatabase:
                 log.error("%s: cannot write the page1 file: %s", self.page1_path, exc)
 
     def _write_pos_file(self) -> None:
-        """Replace ``<db>-pos`` atomically (temporary file and rename, no fsync)."""
+        """Replace ``<db>-pos`` atomically (temporary file and rename, no fsync).
+
+        The temporary name is fixed (the replica is the only writer, and a stale one
+        from a crash is simply overwritten): a random name costs more than the write.
+        """
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}-pos.tmp-")
+            tmp = f"{self.path.parent}/.{self.path.name}-pos.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(format_pos(self.pos))

@@ -705,6 +705,12 @@ class ReplicationConfig:
         8 << 20,
         "bytes queued for one replica before it is caught up from the log instead",
     )
+    fsync: bool = setting(
+        Bool(),
+        False,
+        "replicas fsync their LTX log and commits (off: a power loss may cost a resync, "
+        "never a wrong copy; the primary always fsyncs)",
+    )
     lock_local_writes: bool = setting(
         Bool(),
         True,

@@ -44,8 +44,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[BinaryIO]:
+def atomic_write(
+    path: str | os.PathLike[str], *, mode: int | None = None, durable: bool = True
+) -> Iterator[BinaryIO]:
     """Yield a binary file whose contents replace ``path`` atomically on success.
+
+    ``durable=False`` skips the fsyncs: still atomic for readers and across a process
+    crash, but a power loss may leave the old file (or, on some file systems, an empty
+    one); for files that are a view of something durable elsewhere.
 
     ``mode`` is the permission of the new file. By default an existing file's
     permissions are kept, and a new file gets ``0o666`` less the umask, as
@@ -68,13 +74,15 @@ def atomic_write(path: str | os.PathLike[str], *, mode: int | None = None) -> It
             yield f
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def remove_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:

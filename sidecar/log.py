@@ -28,6 +28,17 @@ removes every other file, which such a crash left behind:
   old files before renaming the new one in; a crash in between leaves a shorter
   old chain or none, which the replica's reconciliation reports or resyncs.
 
+Durability. A durable log (the default) fsyncs each file and the directory before
+``append`` returns. A log opened with ``durable=False`` renames files in without
+waiting for the disk and makes them durable in batches with ``sync()``: the primary's
+tailer syncs before every checkpoint and at least once a second (until a checkpoint
+the WAL still holds every frame a lost file was made from, and a restart makes it
+again), and replicas never sync (their truth is the primary's). A process crash loses
+nothing either way (the page cache survives it). A power loss can leave the newest
+files missing or damaged: open moves a damaged newest file aside into ``../damaged/`` with
+a log line, and the owner's reconciliation (a snapshot on the primary, a resync on a
+replica) repairs the rest; never a silently wrong log. Snapshots are always durable.
+
 One writer at a time (appends, retention, compaction are serialized by a lock);
 readers (``pos``, ``files_after``, iteration) may run in other threads. A path
 returned by ``files_after`` can be removed by a later snapshot, retention or
@@ -42,6 +53,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -105,9 +117,14 @@ def _resolve_chain(
 class LTXLog:
     """The LTX files of one database, as a contiguous chain (see the module docstring)."""
 
-    def __init__(self, directory: Path, *, clean: bool = False) -> None:
+    def __init__(self, directory: Path, *, clean: bool = False, durable: bool = True) -> None:
         self.directory = Path(directory)
         self._clean = clean
+        # durable=False: appends are not fsynced one by one; sync() makes them durable
+        # (see "Durability" in the module docstring).
+        self._durable = durable
+        self._unsynced: list[Path] = []
+        self.unsynced_since: float | None = None  # time.monotonic() of the oldest one
         self._writer = threading.Lock()  # serializes mutations, held across their I/O
         self._state = threading.Lock()  # guards the fields below, held briefly
         self._mins: list[int] = []
@@ -141,17 +158,25 @@ class LTXLog:
                 entries.append((mn, mx))
         chain, stray = _resolve_chain(entries)
         last = None
-        if chain:  # read the newest file before removing anything on its word
+        while chain:  # read the newest file before removing anything on its word
             path = self.path_of(*chain[-1])
-            with open(path, "rb") as f:
-                last = _read_ends(f, str(path))
-            if (last[0].min_txid, last[0].max_txid) != chain[-1]:
-                raise LogError(
-                    f"header says TXIDs {last[0].min_txid}-{last[0].max_txid}, the name "
-                    f"{chain[-1][0]}-{chain[-1][1]}",
-                    path=str(path),
-                    field="filename",
-                )
+            try:
+                with open(path, "rb") as f:
+                    last = _read_ends(f, str(path))
+                break
+            except ltx.LTXError as exc:
+                if not self._clean:
+                    raise
+                self._set_aside(path, exc)
+                entries.remove(chain[-1])
+                chain, stray = _resolve_chain(entries)
+        if chain and last is not None and (last[0].min_txid, last[0].max_txid) != chain[-1]:
+            raise LogError(
+                f"header says TXIDs {last[0].min_txid}-{last[0].max_txid}, the name "
+                f"{chain[-1][0]}-{chain[-1][1]}",
+                path=str(path),
+                field="filename",
+            )
         if stray and self._clean:
             log.warning(
                 "%s: removing %d file(s) outside the chain ending at TXID %d, left by an "
@@ -170,6 +195,13 @@ class LTXLog:
             self._mins = [mn for mn, _ in chain]
             self._maxs = [mx for _, mx in chain]
             self._last = last
+
+    def _set_aside(self, path: Path, exc: Exception) -> None:
+        """A damaged newest file (a power loss before it was synced): keep it for a look."""
+        aside = self.directory.parent / "damaged"
+        aside.mkdir(exist_ok=True)
+        os.replace(path, aside / path.name)
+        log.warning("%s: damaged newest LTX file moved to %s: %s", path, aside, exc)
 
     @property
     def pos(self) -> Pos | None:
@@ -312,10 +344,16 @@ class LTXLog:
                             raise LogError("trailer changed while verifying", path=tmp)
                     self.check(header)
                     os.fchmod(f.fileno(), self._mode)
-                    os.fsync(f.fileno())
+                    if self._durable or header.is_snapshot:
+                        os.fsync(f.fileno())
                 final = self.path_of(header.min_txid, header.max_txid)
                 os.replace(tmp, final)
-                fsync_dir(self.directory)
+                if self._durable or header.is_snapshot:
+                    fsync_dir(self.directory)
+                else:
+                    self._unsynced.append(final)
+                    if self.unsynced_since is None:
+                        self.unsynced_since = time.monotonic()
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
@@ -366,6 +404,24 @@ class LTXLog:
                 self._maxs = [header.max_txid]
                 self._last = (header, trailer)
             return final
+
+    def sync(self) -> int:
+        """Make every append so far durable (a non-durable log); return how many."""
+        with self._writer:
+            pending, self._unsynced = self._unsynced, []
+            self.unsynced_since = None
+            for path in pending:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # removed since (retention, a snapshot)
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if pending:
+                fsync_dir(self.directory)
+            return len(pending)
 
     def _drop_prefix(self, count: int) -> list[Path]:
         """Remove the oldest ``count`` files, oldest first, and fsync the directory."""

@@ -78,7 +78,9 @@ class DatabaseWorker:
             seal_timeout=cfg.checkpoint.seal_timeout.total_seconds(),
             node_id=node_id_number(cfg.node_id),
         )
-        self.log = LTXLog(cfg.ltx_dir(name), clean=True)
+        # Synced in batches by the tailer (before checkpoints, at least once a second):
+        # an fsync per transaction would cost more than the rest of shipping it.
+        self.log = LTXLog(cfg.ltx_dir(name), clean=True, durable=False)
         self.tailer = DatabaseTailer(name, path, self.log, options)
         self.wake = asyncio.Event()
         self._last_error: str | None = None

@@ -138,7 +138,9 @@ class ReplicaRole:
         """Open the replica database (blocking; in a worker thread)."""
         if db.replica is None:
             db.path.parent.mkdir(parents=True, exist_ok=True)
-            replica = ReplicaDatabase(db.path, LTXLog(self.cfg.ltx_dir(db.name), clean=True))
+            durable = self.cfg.replication.fsync
+            ltx_log = LTXLog(self.cfg.ltx_dir(db.name), clean=True, durable=durable)
+            replica = ReplicaDatabase(db.path, ltx_log, durable=durable)
             if self.cfg.replication.lock_local_writes:
                 with contextlib.suppress(ApplyError):
                     replica.hold_write_lock()

@@ -21,7 +21,8 @@ behind its back. The rules, enforced below (see ../shared/docs/wal-tailing.md):
   readers do not see them until then, and if it fails or dies in between, the next writer
   overwrites them.
 * Checkpoints are ours. A PASSIVE checkpoint runs once `passive_frames` frames are durable
-  in LTX files. It is "sealed": we take the write lock (BEGIN IMMEDIATE on a second
+  in LTX files (the log is synced in batches: before every checkpoint, and at least once
+  a second; until the checkpoint, the WAL holds every frame an unsynced file came from). It is "sealed": we take the write lock (BEGIN IMMEDIATE on a second
   connection, waiting at most `seal_timeout` for it), read the last frames, release the
   pin, checkpoint, re-take the pin and release the write lock. The bulk of the work (the
   frames since the last checkpoint, their backfill) is done before, unsealed, behind a
@@ -82,6 +83,7 @@ _READ_CHUNK = 64 << 20
 _UNSEALED_ROUNDS = 5  # unsealed catch-up rounds before a checkpoint takes the write lock
 _SEALED_FRAMES = 64  # ... until at most this many frames are left for the sealed step
 _SEALED_FRAMES_MAX = 512  # more than this unshipped once sealed: release at once, defer
+_SYNC_INTERVAL = 1.0  # seconds an LTX file may wait for its fsync (see sidecar/log.py)
 _MAX_DEFER = 2.0  # seconds a checkpoint may be put off; then it seals anyway (bounded WAL)
 _PASSIVE_RETRIES = 5  # an unsealed PASSIVE answered busy (another checkpoint) is retried  # WAL bytes read per scan; a longer transaction reads more
 
@@ -159,6 +161,7 @@ class DatabaseTailer:
         self._ctl: sqlean.Connection | None = None
         self._raw: BinaryIO | None = None  # kept open for the process's life (POSIX locks)
         self._shm: int | None = None  # -shm, read-only; closed only after the connections
+        self._wal: int | None = None  # -wal, read-only, kept between syncs
         self._ino: tuple[int, int] | None = None
         self._page_size = 0
         self._sums = PageChecksums(4096)  # the logical state the log has reached
@@ -264,6 +267,10 @@ class DatabaseTailer:
 
     def close(self) -> None:
         """Release the pin and connections; the raw descriptor goes last."""
+        try:
+            self.log.sync()
+        except OSError as exc:
+            log.warning("%s: cannot sync the LTX log: %s", self.name, exc)
         for conn in (self._pin, self._spare, self._ctl):
             if conn is not None:
                 try:
@@ -279,6 +286,7 @@ class DatabaseTailer:
         if self._shm is not None:
             os.close(self._shm)
             self._shm = None
+        self._close_wal_fd()
 
     # -- pin and seal --------------------------------------------------------------------
 
@@ -484,12 +492,32 @@ class DatabaseTailer:
 
     # -- the WAL file ----------------------------------------------------------------------
 
-    def _read_wal_header(self) -> wal.WALHeader | None:
+    def _wal_fd(self) -> int | None:
+        """A descriptor on the -wal file, kept between syncs (an open per read cost more
+        than the read); opened again if the file was removed. SQLite puts no locks on
+        the -wal file, so this descriptor cannot disturb its locks (DESIGN.md)."""
+        fd = self._wal
+        if fd is not None:
+            if os.fstat(fd).st_nlink > 0:
+                return fd
+            os.close(fd)
+            self._wal = None
         try:
-            with self.wal_path.open("rb") as f:
-                data = f.read(WAL_HEADER_SIZE)
+            self._wal = os.open(self.wal_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        return self._wal
+
+    def _close_wal_fd(self) -> None:
+        if self._wal is not None:
+            os.close(self._wal)
+            self._wal = None
+
+    def _read_wal_header(self) -> wal.WALHeader | None:
+        fd = self._wal_fd()
+        if fd is None:
+            return None
+        data = os.pread(fd, WAL_HEADER_SIZE, 0)
         if len(data) < WAL_HEADER_SIZE:
             return None
         try:
@@ -499,12 +527,20 @@ class DatabaseTailer:
             return None
 
     def _read_wal_from(self, offset: int, limit: int = -1) -> bytes:
-        try:
-            with self.wal_path.open("rb") as f:
-                f.seek(offset)
-                return f.read(limit)
-        except FileNotFoundError:
+        fd = self._wal_fd()
+        if fd is None:
             return b""
+        if limit < 0:
+            limit = max(0, os.fstat(fd).st_size - offset)
+        chunks = []
+        while limit > 0:
+            chunk = os.pread(fd, min(limit, _READ_CHUNK), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            limit -= len(chunk)
+        return b"".join(chunks)
 
     def _scan_wal(
         self, data: bytes, offset: int, state: wal.ScanState, *, bounded: bool | None = None
@@ -585,6 +621,9 @@ class DatabaseTailer:
             return 0
         shipped = self._sync_wal()
         self._maybe_checkpoint()
+        since = self.log.unsynced_since
+        if since is not None and time.monotonic() - since >= _SYNC_INTERVAL:
+            self.log.sync()
         self._sync_state()
         return shipped
 
@@ -1019,6 +1058,7 @@ class DatabaseTailer:
 
     def _run_checkpoint(self, mode: str) -> tuple[int, int, int]:
         assert self._pin is not None
+        self.log.sync()  # the files made from these frames are durable before they go
         row = self._pin.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         return int(row[0]), int(row[1]), int(row[2])
 

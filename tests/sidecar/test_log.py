@@ -458,3 +458,32 @@ def test_compact_prefix_refuses_the_newest_file_and_non_boundaries(tmp_path: Pat
         log.compact_prefix(9)
     assert log.compact_prefix(1) is None  # one file: nothing to merge
     assert len(log) == 4
+
+
+# -- durability ---------------------------------------------------------------------------
+
+
+def test_a_non_durable_log_syncs_in_batches(tmp_path: Path) -> None:
+    log = LTXLog(tmp_path / "ltx", durable=False)
+    db = FakeDb()
+    log.append(db.snapshot(1))  # snapshots are always durable
+    assert log.unsynced_since is None
+    log.append(db.commit(2))
+    log.append(db.commit(3))
+    assert log.unsynced_since is not None
+    assert log.sync() == 2
+    assert log.unsynced_since is None and log.sync() == 0
+    assert names(log) == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_a_damaged_newest_file_is_set_aside_at_open(tmp_path: Path) -> None:
+    """A power loss can leave a renamed but unwritten (zero-filled) newest file."""
+    log, _ = chain(tmp_path, commits=3)
+    newest = log.path_of(4, 4)
+    newest.write_bytes(bytes(newest.stat().st_size))
+    reopened = LTXLog(log.directory, clean=True)
+    assert names(reopened) == [(1, 1), (2, 2), (3, 3)]
+    assert (log.directory.parent / "damaged" / newest.name).is_file()
+    (log.directory.parent / "damaged" / newest.name).replace(newest)
+    with pytest.raises(ltx.LTXError):
+        LTXLog(log.directory)  # a reader that does not own the log never moves files
