@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_MODE ?= quick
-# Type-check the packages that exist (ltx/ and sidecar/ land in separate steps).
-MYPY_TARGETS := $(wildcard ltx sidecar bench)
+# Type-check everything, tests included.
+MYPY_TARGETS := $(wildcard ltx sidecar bench demo examples tests)
 
-.PHONY: test lint bench redis system-deps install clean distclean
+.PHONY: test lint bench redis system-deps install clean distclean demo
 
 install: $(STAMP)
 
@@ -47,6 +47,10 @@ lint: $(STAMP)
 test: $(STAMP) system-deps
 	$(MAKE) lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# A three-node cluster on 127.0.0.1 with the example app; runs until Ctrl-C.
+demo: $(STAMP) system-deps
+	$(PY) -m demo
 
 bench: $(STAMP)
 	$(PY) -m bench --mode $(BENCH_MODE)

@@ -177,13 +177,11 @@ def test_sigkilled_daemon_restarts_with_a_consistent_log_under_load(
     expected = ltx.database_checksum(
         (i + 1, final[i * 4096 : (i + 1) * 4096]) for i in range(len(final) // 4096)
     )
-    _wait_for(
-        lambda: (
-            LTXLog(log_dir).pos is not None and LTXLog(log_dir).pos.post_apply_checksum == expected
-        ),
-        30,
-        "the log to reach the database",
-    )  # type: ignore[union-attr]
+    def reached() -> bool:
+        pos = LTXLog(log_dir).pos
+        return pos is not None and pos.post_apply_checksum == expected
+
+    _wait_for(reached, 30, "the log to reach the database")
     assert daemon.stop() == 0
 
     image = tmp_path / "replay.db"

@@ -240,8 +240,8 @@ def _post(url: str, token: str | None, body: bytes = b"{}") -> int:
         with urllib.request.urlopen(req, timeout=5) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
-        assert exc.status != 401 or exc.read() == b""
-        return int(exc.status)
+        assert exc.code != 401 or exc.read() == b""
+        return int(exc.code)
 
 
 def test_wrong_or_missing_token_gets_401(cluster: list[TestNode]) -> None:
