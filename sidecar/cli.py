@@ -15,19 +15,27 @@ daemon's HTTP API are added the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
+import json
 import os
 import struct
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, TextIO, cast
 
 import ltx
 from ltx.header import is_valid_page_size
 from sidecar import __version__
+from sidecar.config import Config, ConfigError, DatabaseNameError, load_config, validate_db_name
+from sidecar.dbcopy import CopyError, validate_sqlite_file
 from sidecar.fileutil import atomic_write, fsync_dir, remove_files
 
 PROG = "ltxctl"
@@ -37,6 +45,14 @@ PROG = "ltxctl"
 
 class CommandError(Exception):
     """A failure reported as one line on stdout, with exit status 1 (as the reference does)."""
+
+
+class DaemonCommandError(CommandError):
+    """A failure of a command that talks to the daemon: one line on stderr, exit status 1.
+
+    These commands print data on stdout (often for a pipe or --json), so their errors
+    go to stderr, unlike the file commands, which follow the reference tool.
+    """
 
 
 class UsageError(Exception):
@@ -172,12 +188,17 @@ def _run(args: list[str]) -> int:
     run: RunFunction = ns.run
     try:
         return run(ns)
+    except DaemonCommandError as exc:
+        print(exc, file=sys.stderr)
     except CommandError as exc:
         print(exc)
     except BrokenPipeError:
         raise
-    except (ltx.LTXError, OSError) as exc:
-        print(f"{PROG} {name}: {describe(exc)}")
+    except (ltx.LTXError, OSError, http.client.HTTPException) as exc:
+        # The daemon commands keep stdout for their data; the file commands print
+        # errors on stdout as the reference tool does.
+        stream = sys.stderr if name in DAEMON_COMMANDS else sys.stdout
+        print(f"{PROG} {name}: {describe(exc) or type(exc).__name__}", file=stream)
     return 1
 
 
@@ -714,6 +735,562 @@ def cmd_encode_db(args: argparse.Namespace) -> int:
                 if pgno != lock:
                     enc.write_page(pgno, data)
             enc.finish()
+    return 0
+
+
+# -- talking to the daemon (status, promote, export, import) ---------------------------
+#
+# These commands use the sidecar's HTTP API (sidecar/api.py) with the cluster token.
+# Where to reach it and the token come from the command line, the environment, the
+# configuration file and the data directory, in that order.
+
+DEFAULT_DATA_DIR = Path("./ltx-data")
+STATUS_TIMEOUT = 10.0
+TRANSFER_TIMEOUT = 300.0  # seconds without progress before export or import gives up
+TRANSFER_CHUNK = 1 << 20
+PROGRESS_MIN_BYTES = 8 << 20  # smaller transfers finish before a bar would help
+DEFAULT_WATCH_SECONDS = 2.0
+
+
+DAEMON_COMMANDS = frozenset({"status", "promote", "export", "import"})
+
+
+class SidecarUnreachable(DaemonCommandError):
+    """The sidecar did not answer at all (not running, wrong URL)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the sidecar is and what proves we may act on it."""
+
+    url: str
+    data_dir: Path
+    cfg: Config | None
+    token: str | None
+    token_error: str | None = None  # why the token file could not be read
+
+
+def _add_target_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url", help="the sidecar API (default: from the configuration, http://127.0.0.1:20202)"
+    )
+    p.add_argument(
+        "--token", help="the cluster token (default: $LTX_SIDECAR_TOKEN, then <data-dir>/token)"
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=os.environ.get("LTX_SIDECAR_CONFIG"),
+        help="the sidecar's TOML configuration (default: $LTX_SIDECAR_CONFIG)",
+    )
+    where.add_argument(
+        "--data-dir", type=Path, metavar="DIR", help="the sidecar's data directory (./ltx-data)"
+    )
+
+
+def local_api_url(cfg: Config) -> str:
+    """The URL of this machine's sidecar API: its listening address, wildcards as loopback."""
+    host = cfg.api.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.api.port}"
+
+
+def _target(args: argparse.Namespace, prog: str) -> Target:
+    cfg: Config | None = None
+    if args.data_dir is None or args.url is None:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            raise DaemonCommandError(f"{prog}: invalid configuration: {exc}") from None
+    data_dir: Path = args.data_dir or (cfg.data_dir if cfg else DEFAULT_DATA_DIR)
+    url = (args.url or (local_api_url(cfg) if cfg else "http://127.0.0.1:20202")).rstrip("/")
+    token = args.token or os.environ.get("LTX_SIDECAR_TOKEN") or (cfg.token if cfg else "")
+    token_error = None
+    if not token:
+        from sidecar.auth import read_token_file  # imports aiohttp: only when needed
+
+        try:
+            token = read_token_file(data_dir / "token") or ""
+        except OSError as exc:
+            token_error = f"{data_dir / 'token'}: {describe(exc, filename=False)}"
+    return Target(url, data_dir, cfg, token or None, token_error)
+
+
+def _require_token(target: Target, prog: str) -> str:
+    if target.token:
+        return target.token
+    why = f" ({target.token_error})" if target.token_error else ""
+    raise DaemonCommandError(
+        f"{prog}: no token{why}: give --token, set $LTX_SIDECAR_TOKEN, or run where "
+        f"{target.data_dir / 'token'} is readable"
+    )
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+
+def api_request(
+    target: Target,
+    prog: str,
+    method: str,
+    path: str,
+    *,
+    body: BinaryIO | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = STATUS_TIMEOUT,
+) -> http.client.HTTPResponse:
+    """Send one request to the sidecar; a failure becomes one DaemonCommandError line."""
+    all_headers = dict(headers or {})
+    if target.token:
+        all_headers["Authorization"] = f"Bearer {target.token}"
+    request = urllib.request.Request(
+        target.url + path, data=body, headers=all_headers, method=method
+    )
+    try:
+        response: http.client.HTTPResponse = _OPENER.open(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            first = exc.read(4096).decode("utf-8", "replace").strip().splitlines()
+        if exc.code == 401:
+            raise DaemonCommandError(
+                f"{prog}: the sidecar at {target.url} refused the token (401): give the "
+                "cluster's token with --token, $LTX_SIDECAR_TOKEN or <data-dir>/token"
+            ) from None
+        detail = f": {first[0]}" if first else ""
+        raise DaemonCommandError(f"{prog}: the sidecar answered {exc.code}{detail}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        text = describe(reason) if isinstance(reason, BaseException) else str(reason)
+        raise SidecarUnreachable(
+            f"{prog}: the sidecar at {target.url} does not answer ({text})"
+        ) from None
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        raise SidecarUnreachable(
+            f"{prog}: the sidecar at {target.url} does not answer ({describe(exc) or exc!r})"
+        ) from None
+    return response
+
+
+def api_json(target: Target, prog: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
+    with api_request(target, prog, method, path, **kw) as response:
+        raw = response.read()
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise DaemonCommandError(f"{prog}: the sidecar's answer is not JSON") from None
+    if not isinstance(doc, dict):
+        raise DaemonCommandError(f"{prog}: the sidecar's answer is not a JSON object")
+    return doc
+
+
+# -- progress bar ------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr for large transfers, only on a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, total: int | None, stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.label = label
+        self.total = total
+        self.done = 0
+        self._shown = 0.0
+        big = total is None or total >= PROGRESS_MIN_BYTES
+        self.enabled = big and self.stream.isatty()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._shown >= 0.1:
+            self._shown = now
+            self.stream.write("\r" + self.line())
+            self.stream.flush()
+
+    def line(self) -> str:
+        done = format_bytes(self.done)
+        if not self.total:
+            return f"{self.label} {done}"
+        part = min(1.0, self.done / self.total)
+        bar = "#" * int(part * self.WIDTH)
+        return (
+            f"{self.label} [{bar:<{self.WIDTH}}] {part * 100:3.0f}% "
+            f"{done} of {format_bytes(self.total)}"
+        )
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + self.line() + "\n")
+            self.stream.flush()
+
+
+class _ProgressReader:
+    """A file for http.client to send, counting what it reads."""
+
+    def __init__(self, f: BinaryIO, progress: Progress) -> None:
+        self._f = f
+        self._progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._progress.update(len(data))
+        return data
+
+
+def format_bytes(n: int | float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours}h{minutes}m"
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def _cell(value: object, fmt: Callable[[Any], str] | None = None) -> str:
+    if value is None or value == "":
+        return "-"
+    if fmt is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        return fmt(value)
+    return str(value)
+
+
+def _table(rows: list[list[str]]) -> str:
+    return tabwriter_format("\n".join("\t".join(r) for r in rows)) + "\n"
+
+
+def _lag(db: dict[str, Any], role: str) -> str:
+    if role == "primary":
+        return "-"
+    txids, seconds = db.get("lag_txids", 0), db.get("lag_seconds", 0.0)
+    if not txids and not seconds:
+        return "current"
+    return f"{txids} txids, {format_duration(float(seconds or 0))}"
+
+
+def format_status(doc: dict[str, Any], now: float | None = None) -> str:
+    """GET /status as the readable table of ``ltxctl status``."""
+    now = time.time() if now is None else now
+    role = str(doc.get("role", "?"))
+    primary = doc.get("primary") or None
+    state = f"{role} (epoch {doc.get('epoch', 0)}, {'ready' if doc.get('ready') else 'not ready'})"
+    who = f"{primary['node_id']} at {primary['api_url']}" if primary else "unknown"
+    out = _table(
+        [
+            ["Node", f"{doc.get('node_id', '?')} at {doc.get('api_url', '?')}"],
+            ["Role", state],
+            ["Primary", who],
+            ["Uptime", format_duration(float(doc.get("uptime_seconds", 0)))],
+        ]
+    )
+    dbs = doc.get("databases") or []
+    rows = [["DATABASE", "TXID", "CHECKSUM", "SIZE", "WAL", "LAG"]]
+    for db in dbs:
+        name = str(db.get("name", "?")) + (" (deleted)" if db.get("deleted") else "")
+        rows.append(
+            [
+                name,
+                str(db.get("txid", "-")),
+                str(db.get("checksum", "-")),
+                _cell(db.get("size"), format_bytes),
+                _cell(db.get("wal_size"), format_bytes),
+                _lag(db, role),
+            ]
+        )
+    out += "\n" + (_table(rows) if dbs else "No databases.\n")
+    errors = [db for db in dbs if db.get("error") or db.get("problem")]
+    for db in errors:
+        out += f"  {db.get('name')}: {db.get('error') or db.get('problem')}\n"
+    replicas = doc.get("replicas") or []
+    if role == "primary":
+        out += "\n" + (_format_replicas(replicas, now) if replicas else "No replicas.\n")
+    return out
+
+
+def _format_replicas(replicas: list[dict[str, Any]], now: float) -> str:
+    rows = [["REPLICA", "CONNECTED", "LAST REPORT", "DATABASE", "TXID", "LAG"]]
+    for replica in replicas:
+        last = replica.get("last_report")
+        seen = f"{format_duration(max(0.0, now - float(last)))} ago" if last else "never"
+        head = [str(replica.get("node_id", "?")), "yes" if replica.get("connected") else "no"]
+        dbs = replica.get("databases") or {}
+        if not dbs:
+            rows.append([*head, seen, "-", "-", "-"])
+        for name, pos in sorted(dbs.items()):
+            lag = pos.get("lag_txids", 0)
+            rows.append([*head, seen, name, str(pos.get("txid", "-")), f"{lag} txids"])
+            head = ["", ""]
+            seen = ""
+    return _table(rows)
+
+
+def read_local_state(data_dir: Path, cfg: Config | None) -> dict[str, Any]:
+    """What the data directory and the replica files say when the sidecar does not answer.
+
+    ``<data-dir>/dbs/<name>/state.json`` (written by the primary every second),
+    ``<db>-pos`` beside each configured replica database and the ``.primary`` file.
+    """
+    databases: list[dict[str, Any]] = []
+    dbs_dir = data_dir / "dbs"
+    if dbs_dir.is_dir():
+        for state_file in sorted(dbs_dir.glob("*/state.json")):
+            try:
+                doc = json.loads(state_file.read_text())
+            except (OSError, ValueError) as exc:
+                doc = {"error": f"{state_file}: {describe(exc)}"}
+            if isinstance(doc, dict):
+                doc.setdefault("name", state_file.parent.name)
+                databases.append({**doc, "source": str(state_file)})
+    places: set[Path] = set()
+    pos_files: set[Path] = set()
+    if cfg is not None:
+        for path in cfg.databases.paths:
+            places.add(path.parent)
+            pos_files.add(Path(f"{path}-pos"))
+        for directory in cfg.databases.dirs:
+            places.add(directory)
+            pos_files.update(directory.glob("*-pos"))
+    for pos_file in sorted(p for p in pos_files if p.is_file()):
+        entry: dict[str, Any] = {"name": pos_file.name[: -len("-pos")], "source": str(pos_file)}
+        try:
+            pos = ltx.Pos.parse(pos_file.read_text())
+        except (OSError, ltx.LTXError) as exc:
+            entry["error"] = describe(exc)
+        else:
+            entry.update(
+                role="replica", txid=f"{pos.txid:016x}", checksum=f"{pos.post_apply_checksum:016x}"
+            )
+        databases.append(entry)
+    primary = None
+    for place in sorted(places):
+        with contextlib.suppress(OSError):
+            primary = (place / ".primary").read_text().strip() or None
+            break
+    return {"running": False, "data_dir": str(data_dir), "primary": primary, "databases": databases}
+
+
+def format_local_state(doc: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    out = f"From {doc['data_dir']}:\n"
+    if doc.get("primary"):
+        out += f"Primary (from .primary): {doc['primary']}\n"
+    dbs = doc.get("databases") or []
+    if not dbs:
+        return out + "No database state found.\n"
+    rows = [["DATABASE", "ROLE", "TXID", "CHECKSUM", "SIZE", "WAL", "WRITTEN", "SOURCE"]]
+    for db in dbs:
+        updated = db.get("updated")
+        age = f"{format_duration(max(0.0, now - float(updated)))} ago" if updated else "-"
+        rows.append(
+            [
+                str(db.get("name", "?")),
+                _cell(db.get("role")),
+                _cell(db.get("txid")),
+                _cell(db.get("checksum")),
+                _cell(db.get("size"), format_bytes),
+                _cell(db.get("wal_size"), format_bytes),
+                age,
+                str(db.get("source", "-")),
+            ]
+        )
+    out += _table(rows)
+    for db in dbs:
+        if db.get("error"):
+            out += f"  {db.get('name')}: {db['error']}\n"
+    return out
+
+
+def _add_status_arguments(p: argparse.ArgumentParser) -> None:
+    _add_target_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=DEFAULT_WATCH_SECONDS,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {DEFAULT_WATCH_SECONDS:g}) until interrupted",
+    )
+
+
+def _status_once(args: argparse.Namespace, target: Target) -> int:
+    prog = f"{PROG} status"
+    try:
+        doc = api_json(target, prog, "GET", "/status")
+    except SidecarUnreachable as exc:
+        print(f"{exc}; showing what {target.data_dir} holds", file=sys.stderr)
+        local = read_local_state(target.data_dir, target.cfg)
+        print(json.dumps(local, indent=2) if args.json else format_local_state(local), end="")
+        if args.json:
+            print()
+        return 1
+    print(json.dumps(doc, indent=2) if args.json else format_status(doc), end="")
+    if args.json:
+        print()
+    return 0
+
+
+@command(
+    "status",
+    "shows the sidecar's role, databases and replicas",
+    "Show this node's id, role, epoch and primary, every database's TXID, checksum, "
+    "size and lag, and on the primary every replica's position. When the sidecar does "
+    "not answer, show what its data directory holds (exit status 1).",
+    _add_status_arguments,
+)
+def cmd_status(args: argparse.Namespace) -> int:
+    target = _target(args, f"{PROG} status")
+    if args.watch is None:
+        return _status_once(args, target)
+    if args.watch <= 0:
+        raise UsageError(f"{PROG} status: --watch needs a positive number of seconds")
+    clear = sys.stdout.isatty()
+    try:
+        while True:
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            _status_once(args, target)
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- promote, export, import ---------------------------------------------------------------
+
+
+def _add_promote_arguments(p: argparse.ArgumentParser) -> None:
+    _add_target_arguments(p)
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the handoff (60)"
+    )
+
+
+@command(
+    "promote",
+    "makes this node the primary (planned handoff)",
+    "Ask the sidecar to take over the primary role from the current primary, which "
+    "hands off once this node has caught up.",
+    _add_promote_arguments,
+)
+def cmd_promote(args: argparse.Namespace) -> int:
+    prog = f"{PROG} promote"
+    target = _target(args, prog)
+    _require_token(target, prog)
+    result = api_json(target, prog, "POST", "/promote", timeout=args.timeout)
+    node, epoch = result.get("node_id"), result.get("epoch")
+    if node is not None and epoch is not None:
+        print(f"{node} is the primary (epoch {epoch})")
+    else:
+        print(json.dumps(result))
+    return 0
+
+
+def _db_path_part(name: str, prog: str) -> str:
+    try:
+        return urllib.parse.quote(validate_db_name(name), safe="")
+    except DatabaseNameError as exc:
+        raise DaemonCommandError(f"{prog}: {exc}") from None
+
+
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+    _add_target_arguments(p)
+    p.add_argument("--db", required=True, metavar="NAME", help="the database to export")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write")
+
+
+@command(
+    "export",
+    "writes a consistent copy of a database to a file",
+    "Download a consistent copy of a replicated database from the sidecar (any node). "
+    "The file appears only when complete.",
+    _add_export_arguments,
+)
+def cmd_export(args: argparse.Namespace) -> int:
+    prog = f"{PROG} export"
+    target = _target(args, prog)
+    _require_token(target, prog)
+    path = f"/db/{_db_path_part(args.db, prog)}/export"
+    out = Path(args.output)
+    with api_request(target, prog, "GET", path, timeout=TRANSFER_TIMEOUT) as response:
+        length = response.getheader("Content-Length")
+        progress = Progress(f"export {args.db}", int(length) if length else None)
+        try:
+            with atomic_write(out) as f:
+                while chunk := response.read(TRANSFER_CHUNK):
+                    f.write(chunk)
+                    progress.update(len(chunk))
+                if length is not None and progress.done != int(length):
+                    raise DaemonCommandError(
+                        f"{prog}: the transfer ended after {progress.done} of {length} bytes"
+                    )
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+            raise DaemonCommandError(f"{prog}: the transfer failed: {describe(exc)}") from None
+        finally:
+            progress.close()
+    print(f"exported {args.db} to {out} ({format_bytes(progress.done)})")
+    return 0
+
+
+def _add_import_arguments(p: argparse.ArgumentParser) -> None:
+    _add_target_arguments(p)
+    p.add_argument("--db", required=True, metavar="NAME", help="the database to replace")
+    p.add_argument("file", metavar="FILE", help="a SQLite database file")
+
+
+@command(
+    "import",
+    "replaces a database cluster-wide with a SQLite file",
+    "Upload a SQLite database file that replaces the database's content on the primary, "
+    "in one transaction that every replica then applies. The file is checked first "
+    "(header, page size, PRAGMA integrity_check): a file that is not a sound SQLite "
+    "database is refused before anything is sent.",
+    _add_import_arguments,
+)
+def cmd_import(args: argparse.Namespace) -> int:
+    prog = f"{PROG} import"
+    target = _target(args, prog)
+    _require_token(target, prog)
+    path = f"/db/{_db_path_part(args.db, prog)}/import"
+    src = Path(args.file)
+    try:
+        validate_sqlite_file(src)
+    except CopyError as exc:
+        raise DaemonCommandError(f"{prog}: {src}: refused: {exc}") from None
+    with _open_input(str(src)) as f:
+        size = os.fstat(f.fileno()).st_size
+        progress = Progress(f"import {args.db}", size)
+        headers = {"Content-Type": "application/vnd.sqlite3", "Content-Length": str(size)}
+        body = cast(BinaryIO, _ProgressReader(f, progress))
+        try:
+            result = api_json(
+                target, prog, "POST", path, body=body, headers=headers, timeout=TRANSFER_TIMEOUT
+            )
+        finally:
+            progress.close()
+    detail = ", ".join(f"{k} {v}" for k, v in result.items() if k != "db")
+    print(f"imported {src} into {args.db}" + (f" ({detail})" if detail else ""))
     return 0
 
 
