@@ -1,0 +1,1 @@
+"""`python -m demo` (or `make demo`): a three-node cluster on this machine."""
