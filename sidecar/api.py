@@ -42,7 +42,9 @@ TMP_DIR = "tmp"  # <data-dir>/tmp: uploads and export copies, same filesystem as
 
 # (method, path) pairs answered without the token: read-only views of the node's state.
 PUBLIC_ROUTES = frozenset(
-    (method, path) for path in ("/status", "/metrics", "/health") for method in ("GET", "HEAD")
+    (method, path)
+    for path in ("/status", "/metrics", "/health", "/txid/wait")
+    for method in ("GET", "HEAD")
 )
 
 ExportResult = Path | AsyncIterator[bytes]

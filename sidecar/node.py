@@ -19,17 +19,21 @@ import logging
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
 import ltx
-from sidecar.auth import load_token
+from sidecar.api import ActionError, Actions, local_export, local_import, make_api_app, start_site
+from sidecar.auth import bearer, load_token
 from sidecar.cluster import ClusterState, NodeInfo, Primary
 from sidecar.config import Config
 from sidecar.execute import handle_execute
+from sidecar.frames import DatabasePosition
 from sidecar.lease import Lease, LeaseError, Term, candidate_should_wait, open_lease
+from sidecar.pause import WritePause
 from sidecar.primary import DatabaseWorker
 from sidecar.primary import Primary as PrimaryRole
 from sidecar.proxy import handle_wait_txid, start_proxy
@@ -41,6 +45,7 @@ from sidecar.tailer import TailerError
 log = logging.getLogger("ltx_sidecar.node")
 
 STATIC_EPOCH = 1
+HANDOFF_TIMEOUT = 5.0  # seconds the target has to catch up while writes are paused
 
 
 def proxy_url_of(cfg: Config) -> str:
@@ -68,6 +73,11 @@ class Node:
             heartbeat_interval=cfg.replication.heartbeat_interval.total_seconds(),
         )
         self.stream_server.spool_dir = cfg.data_dir
+        self._term: Term | None = None
+        self._step_down = asyncio.Event()
+        self._handoff_seen = asyncio.Event()  # a HANDOFF frame arrived: read the lease now
+        self._handoff_lock = asyncio.Lock()
+        self._pause: WritePause | None = None
         self._runner: web.AppRunner | None = None
         self.lease: Lease | None = None
         self._last_lease_problem: str | None = None
@@ -75,22 +85,23 @@ class Node:
     # -- the API ---------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 30)
-        app["state"] = self.state
-        app["token"] = self.token
-        app["db_path"] = self.db_path
+        actions = Actions(
+            promote=self.promote,
+            export=self._export,
+            import_db=self._import,
+            db_path=self.db_path,
+        )
+        app = make_api_app(self.cfg, self.state, self.token, actions=actions)
+        app._client_max_size = 1 << 40  # imports stream to a file; no in-memory limit
         app.add_routes(self.stream_server.routes())
         app.add_routes(
             [
-                web.get("/status", self._status),
                 web.get("/txid/wait", handle_wait_txid),
                 web.post("/db/{name}/execute", handle_execute),
+                web.post("/handoff", self._handle_handoff),
             ]
         )
         return app
-
-    async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.state.as_dict())
 
     def db_path(self, name: str) -> Path | None:
         if self.primary is not None:
@@ -100,16 +111,126 @@ class Node:
             return self.replica.path_for(name)
         return None
 
+    async def _export(self, name: str) -> Path:
+        path = self.db_path(name)
+        if path is None or not path.exists():
+            raise ActionError(404, f"no database {name!r} on this node")
+        return await local_export(self.cfg, name, path)
+
+    async def _import(self, name: str, src: Path) -> dict[str, Any]:
+        """Replace a database everywhere: on the primary, where the tailer ships it."""
+        if self.primary is not None:
+            path = self.db_path(name)
+            if path is None:
+                raise ActionError(404, f"no database {name!r} on the primary")
+            return await local_import(name, path, src)
+        primary = self.state.primary
+        if primary is None:
+            raise ActionError(503, "no primary is known; try again once one is")
+        async with aiohttp.ClientSession() as session:
+            with open(src, "rb") as body:
+                async with session.post(
+                    f"{primary.node.api_url}/db/{name}/import",
+                    data=body,
+                    headers=bearer(self.token),
+                ) as resp:
+                    if resp.status != 200:
+                        raise ActionError(resp.status, (await resp.text()).strip())
+                    answer: dict[str, Any] = await resp.json()
+                    return answer
+
     async def start_api(self) -> None:
-        self._runner = web.AppRunner(self.make_app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.api.host, self.cfg.api.port)
-        await site.start()
+        self._runner = await start_site(self.make_app(), self.cfg.api.host, self.cfg.api.port)
         log.info("node API on http://%s:%d", self.cfg.api.host, self.cfg.api.port)
 
     async def stop_api(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    # -- planned handoff ---------------------------------------------------------------------
+
+    async def promote(self) -> dict[str, Any]:
+        """Ask the primary to hand the lease to this node once it has caught up."""
+        if self.state.is_primary:
+            return {"primary": self.me.node_id, "epoch": self.state.epoch, "changed": False}
+        if self.cfg.lease.type != "redis":
+            raise ActionError(409, "the static lease has a fixed primary: change the config")
+        if not self.cfg.candidate:
+            raise ActionError(409, f"{self.me.node_id} is not a candidate (candidate = false)")
+        primary = self.state.primary
+        if primary is None:
+            raise ActionError(503, "no primary is known; try again once one is")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{primary.node.api_url}/handoff",
+                json=self.me.as_dict(),
+                headers=bearer(self.token),
+                timeout=aiohttp.ClientTimeout(total=HANDOFF_TIMEOUT + 5),
+            ) as resp,
+        ):
+            if resp.status != 200:
+                raise ActionError(resp.status, (await resp.text()).strip())
+            answer: dict[str, Any] = await resp.json()
+        await self.state.wait_for(lambda: self.state.is_primary, HANDOFF_TIMEOUT)
+        return {**answer, "changed": True, "role": self.state.role}
+
+    async def _handle_handoff(self, request: web.Request) -> web.Response:
+        """POST /handoff on the primary: pause writes, let the target catch up, hand over."""
+        try:
+            doc = await request.json()
+            target = NodeInfo(
+                str(doc["node_id"]), str(doc["api_url"]), str(doc.get("proxy_url", ""))
+            )
+        except (ValueError, KeyError, TypeError):
+            return web.Response(status=400, text="body: expected {node_id, api_url, proxy_url}\n")
+        term, lease, primary = self._term, self.lease, self.primary
+        if term is None or lease is None or primary is None or not self.state.is_primary:
+            return web.Response(status=409, text="this node is not the primary\n")
+        if target.node_id not in self.state.replicas:
+            return web.Response(status=409, text=f"{target.node_id} is not a connected replica\n")
+        async with self._handoff_lock:
+            started = time.monotonic()
+            pause = WritePause(self.cfg, [w.path for w in primary.by_name.values()])
+            try:
+                await asyncio.to_thread(pause.take)
+                final = {name: await primary.sync_now(name) for name in primary.names()}
+                caught_up = await self.state.wait_for(
+                    lambda: all(
+                        self.state.replicas.get(target.node_id) is not None
+                        and self.state.replicas[target.node_id].positions.get(n, (0, 0))[0] >= t
+                        for n, t in final.items()
+                    ),
+                    HANDOFF_TIMEOUT,
+                )
+                if not caught_up:
+                    raise ActionError(409, f"{target.node_id} did not catch up in time")
+                new_term = await lease.handoff(term, target)
+                if new_term is None:
+                    raise ActionError(409, "the lease is no longer ours")
+            except ActionError as exc:
+                await asyncio.to_thread(pause.release)
+                return web.Response(status=exc.status, text=f"{exc.message}\n")
+            except (LeaseError, OSError) as exc:
+                await asyncio.to_thread(pause.release)
+                return web.Response(status=503, text=f"handoff failed: {exc}\n")
+            positions = tuple(
+                DatabasePosition(n, *self.state.replicas[target.node_id].positions[n])
+                for n in final
+            )
+            await self.stream_server.handoff(target.node_id, positions)
+            self._pause = pause  # released once this node no longer acts as primary
+            self._step_down.set()
+            ms = (time.monotonic() - started) * 1000
+            log.info(
+                "handed the lease to %s (epoch %d) after pausing writes %.1f ms",
+                target.node_id,
+                new_term.epoch,
+                ms,
+            )
+            return web.json_response(
+                {"primary": target.node_id, "epoch": new_term.epoch, "pause_ms": round(ms, 3)}
+            )
 
     # -- roles -----------------------------------------------------------------------------
 
@@ -181,12 +302,14 @@ class Node:
         """Act as primary while the term lasts: renew it, and stop before it can expire."""
         self._last_lease_problem = None
         until = asyncio.Event()
+        self._term = term
+        self._step_down = asyncio.Event()
         role = asyncio.create_task(self.run_primary(term.epoch, until), name="primary")
         try:
-            while not stop.is_set() and not role.done():
+            while not stop.is_set() and not role.done() and not self._step_down.is_set():
                 wait = min(lease.renew_interval, term.expires - time.monotonic())
-                await _sleep_or(stop, max(0.0, wait))
-                if stop.is_set():
+                await _wait_any((stop, self._step_down), max(0.0, wait))
+                if stop.is_set() or self._step_down.is_set():
                     break
                 if time.monotonic() >= term.expires:
                     log.warning("the lease expired before it could be renewed: stepping down")
@@ -200,14 +323,18 @@ class Node:
                 if renewed is None:
                     log.warning("the lease was lost (epoch %d): stepping down", term.epoch)
                     break
-                term = renewed
+                term = self._term = renewed
                 self._last_lease_problem = None
                 with contextlib.suppress(LeaseError):
                     await lease.publish(self.me, self._positions(), primary=True)
         finally:
             until.set()
             await asyncio.gather(role, return_exceptions=True)
-        if stop.is_set():
+            self._term = None
+            if self._pause is not None:  # after a handoff: writes may go on, as a replica's
+                await asyncio.to_thread(self._pause.release)
+                self._pause = None
+        if stop.is_set() and not self._step_down.is_set():
             with contextlib.suppress(LeaseError):
                 await lease.release(term)
                 log.info("released the lease (epoch %d)", term.epoch)
@@ -219,7 +346,8 @@ class Node:
         role = asyncio.create_task(self.run_replica(holder.holder.api_url, until), name="replica")
         try:
             while not stop.is_set() and not role.done():
-                await _sleep_or(stop, lease.renew_interval)
+                await _wait_any((stop, self._handoff_seen), lease.renew_interval)
+                self._handoff_seen.clear()
                 if stop.is_set():
                     break
                 try:
@@ -288,7 +416,7 @@ class Node:
 
     async def run_replica(self, primary_url: str, until: asyncio.Event) -> None:
         """Follow the primary at `primary_url` until `until` is set."""
-        replica = ReplicaRole(self.cfg, self.state, self.token)
+        replica = ReplicaRole(self.cfg, self.state, self.token, on_handoff=self._handoff_seen.set)
         self.replica = replica
         if self.state.role != "replica":
             self.state.set_role("replica", self.state.primary)
@@ -298,6 +426,15 @@ class Node:
             with contextlib.suppress(Exception):
                 await replica.close()
             self.replica = None
+
+
+async def _wait_any(events: tuple[asyncio.Event, ...], timeout: float) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when="FIRST_COMPLETED")
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 async def _sleep_or(stop: asyncio.Event, delay: float) -> None:

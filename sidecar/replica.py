@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -85,8 +85,16 @@ class _Db:
 class ReplicaRole:
     """Everything a replica does: open its databases, follow the primary, apply, report."""
 
-    def __init__(self, cfg: Config, state: ClusterState, token: str) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        state: ClusterState,
+        token: str,
+        *,
+        on_handoff: Callable[[], None] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.on_handoff = on_handoff  # a HANDOFF frame: the node reads the lease at once
         self.state = state
         self.token = token
         self.dbs: dict[str, _Db] = {}
@@ -95,6 +103,7 @@ class ReplicaRole:
         self._epoch = 0
         self._incoming_dir = cfg.data_dir / "incoming"
         self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._url: str | None = None
 
     # -- databases --------------------------------------------------------------------------
@@ -313,8 +322,25 @@ class ReplicaRole:
         proxy_url = known.node.proxy_url if known and known.node.node_id == hello.node_id else ""
         primary = Primary(NodeInfo(hello.node_id, hello.advertise_url, proxy_url), hello.epoch)
         self.state.set_role("replica", primary)
+        if not proxy_url and self._session is not None:
+            task = asyncio.create_task(self._learn_proxy_url(self._session, primary))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         self._write_primary_file(hello.node_id)
         log.info("following primary %s at %s (epoch %d)", hello.node_id, url, hello.epoch)
+
+    async def _learn_proxy_url(self, session: aiohttp.ClientSession, primary: Primary) -> None:
+        """The primary's proxy URL, for forwarding writes: HELLO has only its API URL."""
+        try:
+            async with session.get(f"{primary.node.api_url}/status") as resp:
+                doc = await resp.json()
+            proxy_url = str(doc.get("proxy_url") or "")
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            log.debug("cannot read the primary's status: %s", exc)
+            return
+        if proxy_url and self.state.primary == primary:
+            node = NodeInfo(primary.node.node_id, primary.node.api_url, proxy_url)
+            self.state.set_role("replica", Primary(node, primary.epoch))
 
     def _on_frame(self, frame: frames.Frame) -> None:
         if isinstance(frame, frames.LtxFragment):
@@ -335,6 +361,10 @@ class ReplicaRole:
                     frame.txid,
                 )
                 db.queue.put_nowait(_ResyncAsked(frame))
+        elif isinstance(frame, frames.Handoff):
+            log.info("the primary hands over to %s", frame.target)
+            if self.on_handoff is not None:
+                self.on_handoff()
         elif isinstance(frame, frames.End):
             log.info("the primary ended the stream")
 

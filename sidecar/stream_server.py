@@ -107,6 +107,7 @@ class StreamServer:
         self.spool_dir: Path | None = None  # where resync answers are spooled
         self.stopping = asyncio.Event()
         self._streams: set[asyncio.Task[None]] = set()
+        self._active: set[_Stream] = set()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -125,6 +126,13 @@ class StreamServer:
         tasks = list(self._streams)
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+
+    async def handoff(self, target: str, positions: tuple[DatabasePosition, ...]) -> None:
+        """Tell every replica that `target` takes over at `positions` (a HANDOFF frame)."""
+        frame = frames.Handoff(self.epoch, target, positions)
+        for stream in list(self._active):
+            stream.extra.append(frame)
+            stream.kick.set()
 
     def _serving(self) -> bool:
         return self.state.is_primary and not self.stopping.is_set() and self.epoch > 0
@@ -159,11 +167,13 @@ class StreamServer:
         stream = _Stream(self, resp, req.node_id, self.epoch)
         for db in req.databases:
             stream.replicas[db.name] = _Replica(db.txid, db.checksum)
+        self._active.add(stream)
         try:
             await stream.run(version)
         except (ConnectionResetError, ConnectionError) as exc:
             log.info("replica %s disconnected: %s", req.node_id, exc or type(exc).__name__)
         finally:
+            self._active.discard(stream)
             self._streams.discard(task)
             self.state.replica_disconnected(req.node_id)
         return resp
@@ -281,6 +291,8 @@ class _Stream:
         self.epoch = epoch
         self.replicas: dict[str, _Replica] = {}
         self._next_heartbeat = 0.0
+        self.extra: list[frames.Frame] = []  # frames to send at the next wake (HANDOFF)
+        self.kick = asyncio.Event()
 
     async def send(self, frame: frames.Frame) -> None:
         await self.resp.write(frames.encode(frame))
@@ -294,15 +306,20 @@ class _Stream:
         while self.server._serving() and self.epoch == self.server.epoch:
             changed = asyncio.ensure_future(self.source.changed())
             stopping = asyncio.ensure_future(self.server.stopping.wait())
+            kicked = asyncio.ensure_future(self.kick.wait())
             timeout = max(0.0, self._next_heartbeat - time.monotonic())
             try:
                 await asyncio.wait(
-                    {changed, stopping}, timeout=timeout, return_when="FIRST_COMPLETED"
+                    {changed, stopping, kicked}, timeout=timeout, return_when="FIRST_COMPLETED"
                 )
             finally:
                 changed.cancel()
                 stopping.cancel()
+                kicked.cancel()
             await self.catch_up_all()
+            self.kick.clear()
+            while self.extra:
+                await self.send(self.extra.pop(0))
             if time.monotonic() >= self._next_heartbeat:
                 await self.heartbeat()
         with contextlib.suppress(ConnectionError):

@@ -171,7 +171,9 @@ class Supervisor:
 
     async def _run_child(self, argv: list[str], what: str) -> int:
         try:
-            child = await asyncio.create_subprocess_exec(*argv, env=self.env, process_group=0)
+            child = await asyncio.create_subprocess_exec(
+                *argv, env=self.env, start_new_session=True
+            )
         except FileNotFoundError:
             log.error("cannot start the %s: %s: command not found", what, argv[0])
             return EXIT_NOT_FOUND
