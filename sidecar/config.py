@@ -89,9 +89,9 @@ def looks_like_sqlite(path: Path) -> bool:
 
     Yes when its first 16 bytes are the SQLite magic, or when it is empty and
     named ``*.db``, ``*.sqlite`` or ``*.sqlite3`` (an app that just created it).
-    This opens the file with a plain descriptor: call it only for files this
-    process has not opened with SQLite, since closing any descriptor drops the
-    process's POSIX locks on that file (DESIGN.md).
+    The bytes are read through the process's held descriptor for the file
+    (sidecar.fileutil.held_fd), since closing any descriptor on a database drops the
+    POSIX locks SQLite holds on it (DESIGN.md).
     """
     try:
         st = os.stat(path)
@@ -105,13 +105,11 @@ def looks_like_sqlite(path: Path) -> bool:
 
 
 def has_sqlite_magic(path: Path) -> bool:
-    """Whether the file starts with the SQLite magic (False if it cannot be read).
+    """Whether the file starts with the SQLite magic (False if it cannot be read)."""
+    from sidecar.fileutil import read_head  # fileutil imports nothing of ours; no cycle
 
-    Opens a plain descriptor: only for files this process has not opened with SQLite.
-    """
     try:
-        with open(path, "rb") as f:
-            return f.read(16) == SQLITE_MAGIC
+        return read_head(path, 16) == SQLITE_MAGIC
     except OSError:
         return False
 

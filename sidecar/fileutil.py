@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -85,6 +86,47 @@ def atomic_write(
         fsync_dir(directory)
 
 
+_held: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> descriptor, never closed
+_held_lock = threading.Lock()
+
+
+def held_fd(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor on `path` that stays open for the life of the process.
+
+    POSIX record locks belong to the process: closing *any* descriptor on a file drops
+    every lock the process holds on it, including those SQLite connections hold on the
+    database and its -shm (DESIGN.md choice 3). Raw reads of those files therefore go
+    through one descriptor per file that is never closed; the file is identified by its
+    inode, so a database deleted and created again gets a new one. (Closing the
+    descriptor of a file SQLite does not have open would be harmless, but we cannot know
+    that of a file some other role of this process may open later.)
+    """
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    with _held_lock:
+        fd = _held.get(key)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fst = os.fstat(fd)  # the file may have been replaced since the stat
+            _held[(fst.st_dev, fst.st_ino)] = fd
+        return fd
+
+
+def release_held(dev_ino: tuple[int, int]) -> None:
+    """Close the held descriptor of a file that is gone (deleted or replaced), once no
+    SQLite connection of this process has it open: its locks no longer matter, and an
+    open descriptor would keep a deleted file's disk space."""
+    with _held_lock:
+        fd = _held.pop(dev_ino, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def read_head(path: str | os.PathLike[str], size: int) -> bytes:
+    """The first `size` bytes of a file, through its held descriptor (see held_fd)."""
+    return os.pread(held_fd(path), size, 0)
+
+
 def remove_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Remove each existing path and fsync the directories touched; return those removed."""
     removed: list[Path] = []
@@ -99,4 +141,12 @@ def remove_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return removed
 
 
-__all__ = ["atomic_write", "current_umask", "fsync_dir", "remove_files"]
+__all__ = [
+    "atomic_write",
+    "current_umask",
+    "fsync_dir",
+    "held_fd",
+    "read_head",
+    "release_held",
+    "remove_files",
+]

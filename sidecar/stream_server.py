@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import aiohttp
 from aiohttp import web
 
 import ltx
@@ -170,8 +171,10 @@ class StreamServer:
         self._active.add(stream)
         try:
             await stream.run(version)
-        except (ConnectionResetError, ConnectionError) as exc:
+        except (ConnectionError, RuntimeError) as exc:  # RuntimeError: uvloop, closed transport
             log.info("replica %s disconnected: %s", req.node_id, exc or type(exc).__name__)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await resp.write_eof()
         finally:
             self._active.discard(stream)
             self._streams.discard(task)
@@ -201,6 +204,8 @@ class StreamServer:
             decoder.close()
         except FrameError as exc:
             return web.Response(status=400, text=f"{exc}\n")
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):  # the replica went away
+            return web.Response(status=204)
         return web.Response(status=204)
 
     # -- POST /resync -----------------------------------------------------------------------

@@ -73,6 +73,7 @@ from ltx import EMPTY_DB_CHECKSUM, Encoder, Header, PageChecksums, lock_pgno, pa
 from ltx.encoder import Writable
 from sidecar import wal
 from sidecar.config import has_sqlite_magic
+from sidecar.fileutil import held_fd, release_held
 from sidecar.log import LTXLog
 from sidecar.resync import PinnedReader, write_snapshot
 
@@ -159,8 +160,8 @@ class DatabaseTailer:
         self._pin: sqlean.Connection | None = None
         self._spare: sqlean.Connection | None = None  # the next pin (see _repin)
         self._ctl: sqlean.Connection | None = None
-        self._raw: BinaryIO | None = None  # kept open for the process's life (POSIX locks)
-        self._shm: int | None = None  # -shm, read-only; closed only after the connections
+        self._raw: int | None = None  # the database, read-only: a held_fd, never closed
+        self._shm: int | None = None  # -shm, read-only: a held_fd, never closed
         self._wal: int | None = None  # -wal, read-only, kept between syncs
         self._ino: tuple[int, int] | None = None
         self._page_size = 0
@@ -234,8 +235,8 @@ class DatabaseTailer:
 
     def _connect(self) -> None:
         try:
-            self._raw = self.path.open("rb")
-            st = os.fstat(self._raw.fileno())
+            self._raw = held_fd(self.path)
+            st = os.fstat(self._raw)
             self._ino = (st.st_dev, st.st_ino)
             timeout_ms = max(1, int(self.options.seal_timeout * 1000))
             self._pin = _connect(self.path, timeout_ms)
@@ -280,12 +281,8 @@ class DatabaseTailer:
                 except sqlean.Error:
                     pass
         self._pin = self._spare = self._ctl = None
-        if self._raw is not None:
-            self._raw.close()
-            self._raw = None
-        if self._shm is not None:
-            os.close(self._shm)
-            self._shm = None
+        self._raw = None  # held descriptors stay open (POSIX locks: see held_fd)
+        self._shm = None
         self._close_wal_fd()
 
     # -- pin and seal --------------------------------------------------------------------
@@ -486,8 +483,7 @@ class DatabaseTailer:
 
     def _raw_page(self, pgno: int) -> bytes:
         assert self._raw is not None
-        self._raw.seek((pgno - 1) * self._page_size)
-        data = self._raw.read(self._page_size)
+        data = os.pread(self._raw, self._page_size, (pgno - 1) * self._page_size)
         return data.ljust(self._page_size, b"\x00")
 
     # -- the WAL file ----------------------------------------------------------------------
@@ -563,10 +559,10 @@ class DatabaseTailer:
         return header, self._read_wal_from(0, self._committed_end(header))
 
     def _open_shm(self) -> None:
-        """Open -shm read-only once SQLite has it open; close() closes it after SQLite."""
+        """Read -shm through its held descriptor once SQLite has it open."""
         if self._shm is None:
             try:
-                self._shm = os.open(f"{self.path}-shm", os.O_RDONLY)
+                self._shm = held_fd(f"{self.path}-shm")
             except OSError as exc:
                 log.warning(
                     "%s: cannot read the -shm file (%s); reading frames by their checksums only",
@@ -638,7 +634,10 @@ class DatabaseTailer:
             return False
         what = "deleted" if current is None else "replaced by another file"
         self._write_deletion(f"the database file was {what}")
+        old = self._ino
         self.close()
+        if old is not None:
+            release_held(old)  # our connections to the old file are closed now
         self._deleted = True
         self._scan = None
         self._wal_generation = None

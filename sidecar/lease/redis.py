@@ -430,3 +430,5 @@ class RedisLease:
             raise LeaseError(f"cannot reach Redis {self.where} ({what}): {exc}") from None
         except RedisError as exc:
             raise LeaseError(f"Redis {self.where} refused {what}: {exc}") from None
+        except RuntimeError as exc:  # uvloop: a write on a transport the cut just closed
+            raise LeaseError(f"cannot reach Redis {self.where} ({what}): {exc}") from None

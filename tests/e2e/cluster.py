@@ -41,6 +41,10 @@ class TestNode:
     api_port: int = field(default_factory=free_port)
     primary_url: str = ""  # static lease: empty on the primary
     extra: str = ""  # more TOML, appended
+    redis_url: str = ""  # set: the Redis lease instead of the static one
+    lease_key: str = "ltx-sidecar/test"
+    ttl: str = "1s"
+    candidate: bool = True
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
@@ -70,13 +74,21 @@ class TestNode:
     def write_config(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_dir.mkdir(parents=True, exist_ok=True)
-        lease = f'primary-url = "{self.primary_url}"\n' if self.primary_url else ""
+        if self.redis_url:
+            lease = (
+                f'type = "redis"\nredis-url = "{self.redis_url}"\n'
+                f'key = "{self.lease_key}"\nttl = "{self.ttl}"\n'
+            )
+        else:
+            lease = 'type = "static"\n'
+            lease += f'primary-url = "{self.primary_url}"\n' if self.primary_url else ""
         self.config_path.write_text(
             f'node-id = "{self.name}"\n'
             f'data-dir = "{self.data_dir}"\n'
             f'token = "{TOKEN}"\n'
+            f"candidate = {'true' if self.candidate else 'false'}\n"
             f'[api]\nhost = "127.0.0.1"\nport = {self.api_port}\n'
-            f'[lease]\ntype = "static"\n{lease}'
+            f"[lease]\n{lease}"
             f'[databases]\ndirs = ["{self.db_dir}"]\n'
             f'[replication]\nreconnect-min = "50ms"\nreconnect-max = "1s"\n'
             f"{self.extra}\n"
@@ -112,6 +124,33 @@ class TestNode:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def role(self) -> str | None:
+        status = self.status()
+        return None if status is None else str(status["role"])
+
+    def execute(self, sql: str, params: list[Any] | None = None, db: str = "app.db") -> int:
+        """Run SQL through this node's execute endpoint (forwarded to the primary); TXID."""
+        body = json.dumps({"sql": sql, "params": params or []}).encode()
+        req = urllib.request.Request(
+            f"{self.url}/db/{db}/execute",
+            data=body,
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(json.load(resp)["txid"], 16)
+
+    def post_json(self, path: str, doc: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(
+            f"{self.url}{path}",
+            data=json.dumps(doc).encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer: dict[str, Any] = json.load(resp)
+            return answer
 
     def status(self) -> dict[str, Any] | None:
         try:

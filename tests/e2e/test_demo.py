@@ -39,13 +39,11 @@ def assert_write_reached_every_node(result: subprocess.CompletedProcess[str]) ->
 
 
 @pytest.mark.slow
-
 def test_demo_with_the_static_lease(tmp_path: Path) -> None:
     assert_write_reached_every_node(run_demo(tmp_path / "demo"))
 
 
 @pytest.mark.slow
-
 def test_demo_with_the_redis_lease(tmp_path: Path, redis_server: RedisServer) -> None:
     result = run_demo(tmp_path / "demo", "--redis-url", redis_server.url)
     assert "(redis lease)" in result.stdout

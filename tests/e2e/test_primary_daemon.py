@@ -177,6 +177,7 @@ def test_sigkilled_daemon_restarts_with_a_consistent_log_under_load(
     expected = ltx.database_checksum(
         (i + 1, final[i * 4096 : (i + 1) * 4096]) for i in range(len(final) // 4096)
     )
+
     def reached() -> bool:
         pos = LTXLog(log_dir).pos
         return pos is not None and pos.post_apply_checksum == expected
