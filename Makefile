@@ -8,7 +8,7 @@ BENCH_MODE ?= quick
 # Type-check everything, tests included.
 MYPY_TARGETS := $(wildcard ltx sidecar bench demo examples tests)
 
-.PHONY: test lint bench redis system-deps install clean distclean demo
+.PHONY: test lint bench redis system-deps install clean distclean demo soak
 
 install: $(STAMP)
 
@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $@
 
-# System packages the tests use: redis-server (tests start their own throwaway instances)
-# and the sqlite3 shell (a writer process in the tailer tests). Installed when missing.
-SYSTEM_TOOLS := redis-server:redis-server sqlite3:sqlite3
+# System packages the tests use: redis-server (tests start their own throwaway instances),
+# the sqlite3 shell (a writer process in the tailer tests) and faketime (the chaos
+# suite's clock jump). Installed when missing.
+SYSTEM_TOOLS := redis-server:redis-server sqlite3:sqlite3 faketime:faketime
 
 system-deps:
 	@missing=; for pair in $(SYSTEM_TOOLS); do \
@@ -51,6 +52,11 @@ test: $(STAMP) system-deps
 # A three-node cluster on 127.0.0.1 with the example app; runs until Ctrl-C.
 demo: $(STAMP) system-deps
 	$(PY) -m demo
+
+# Random nemeses against a local cluster for DURATION (e.g. 30m, 2h); prints a summary.
+DURATION ?= 30m
+soak: $(STAMP) system-deps
+	$(PY) -m tests.chaos.soak --duration $(DURATION)
 
 bench: $(STAMP)
 	$(PY) -m bench --mode $(BENCH_MODE)

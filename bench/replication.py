@@ -304,3 +304,32 @@ def replication_bootstrap(ctx: Context) -> list[Result]:
         ),
         Result("sidecar peak RSS during bootstrap", round(rss, 1), "MB", RSS_TARGET),
     ]
+
+
+def lag_over_time(
+    root: Path, replicas: int = 2, seconds: float = 4.0, rate: float = 1000.0
+) -> list[tuple[str, float, float]]:
+    """(replica, seconds since the first commit, lag in ms) for every commit on every
+    replica, for bench/plots.py; a commit never seen has lag inf."""
+    with cluster(root, replicas) as (primary, followers):
+        base = primary.txid()
+        watchers = [PosWatcher(r.db_dir) for r in followers]
+        try:
+            run_dir = root / "writer"
+            run_dir.mkdir(exist_ok=True)
+            w = run_writer(run_dir, primary.db(), seconds, rate)
+            last = base + w.commits
+            deadline = time.monotonic() + 30
+            while any(x.txid < last for x in watchers) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        finally:
+            for x in watchers:
+                x.stop()
+    start = w.times_ns[0]
+    samples: list[tuple[str, float, float]] = []
+    for node, watcher in zip(followers, watchers, strict=True):
+        for i, t_commit in enumerate(w.times_ns):
+            seen = watcher.seen.time_of(base + i + 1)
+            lag = float("inf") if seen is None else (seen - t_commit) / 1e6
+            samples.append((node.name, (t_commit - start) / 1e9, lag))
+    return samples

@@ -563,7 +563,11 @@ class ReplicaDatabase:
 
         The temporary name is fixed (the replica is the only writer, and a stale one
         from a crash is simply overwritten): a random name costs more than the write.
+        No position (an empty log, e.g. a copy dropped for a snapshot) leaves the file
+        as it was: a reader following it must never see its position go backwards.
         """
+        if self._txid == 0:
+            return
         try:
             tmp = f"{self.path.parent}/.{self.path.name}-pos.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

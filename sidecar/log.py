@@ -329,7 +329,7 @@ class LTXLog:
                 head, tail = bytes(data[: HEADER_SIZE + 16]), bytes(data[-TRAILER_SIZE:])
                 header, _ = _parse_ends(head, tail, len(data), None)
                 self.check(header)  # before writing a byte
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX)
+            fd, tmp = self._temp_file()
             try:
                 with os.fdopen(fd, "w+b") as f:
                     if isinstance(data, bytes | bytearray | memoryview):
@@ -379,7 +379,7 @@ class LTXLog:
         the old history shadowing the new file (they may even share a name).
         """
         with self._writer:
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX)
+            fd, tmp = self._temp_file()
             try:
                 with os.fdopen(fd, "w+b") as f:
                     if isinstance(data, bytes | bytearray | memoryview):
@@ -404,6 +404,13 @@ class LTXLog:
                 self._maxs = [header.max_txid]
                 self._last = (header, trailer)
             return final
+
+    def _temp_file(self) -> tuple[int, str]:
+        """The writer's temporary file. One writer at a time (self._writer) and one
+        process per log, so a fixed name will do; a random one (mkstemp) costs more than
+        writing a small file."""
+        tmp = str(self.directory / f"{TEMP_PREFIX}{os.getpid()}")
+        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), tmp
 
     def sync(self) -> int:
         """Make every append so far durable (a non-durable log); return how many."""

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import BinaryIO, cast
 
 import aiohttp
 
@@ -49,10 +49,14 @@ from sidecar.primary import node_id_number
 
 log = logging.getLogger("ltx_sidecar.replica")
 
+_SPOOL_IN_MEMORY = 4 << 20  # incoming LTX bytes kept in memory before spilling to disk
 _MAX_GROUP = 256  # files applied as one transaction when they are queued together
 _LOCAL_WRITE_CHECK = 1.0
 _MAX_FAILED_RESYNCS = 3  # seconds between checks for writes that landed anyway
 PRIMARY_FILE = ".primary"
+
+
+Incoming = BinaryIO  # an LTX file received from the primary (spooled), read from 0
 
 
 class StreamClosed(Exception):
@@ -73,8 +77,8 @@ class _Db:
     name: str
     path: Path
     replica: ReplicaDatabase | None = None
-    incoming: IO[bytes] | None = None
-    queue: asyncio.Queue[Path | _ResyncAsked] = field(default_factory=asyncio.Queue)
+    incoming: Incoming | None = None
+    queue: asyncio.Queue[Incoming | _ResyncAsked] = field(default_factory=asyncio.Queue)
     applier: asyncio.Task[None] | None = None
     want_resync: bool = False  # the copy cannot continue from its position
     failed_resyncs: int = 0  # in a row; past a few, the copy is dropped for a snapshot
@@ -375,24 +379,28 @@ class ReplicaRole:
         if frame.index == 0:
             self._drop_incoming(db)
             self._incoming_dir.mkdir(parents=True, exist_ok=True)
-            db.incoming = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed on LAST
-                dir=self._incoming_dir, prefix=f"{db.name}.", suffix=".ltx", delete=False
-            )
+            db.incoming = self._spool()
         if db.incoming is None:
             return
         db.incoming.write(frame.data)
         if frame.last:
-            db.incoming.close()
-            path = Path(db.incoming.name)
-            db.incoming = None
-            self.state.set_primary_position(frame.name, *_peek_txid(path))
-            db.queue.put_nowait(path)
+            f, db.incoming = db.incoming, None
+            with contextlib.suppress(ltx.LTXError, OSError, ValueError):  # the apply says why
+                self.state.set_primary_position(frame.name, *_peek_txid(f))
+            db.queue.put_nowait(f)
+
+    def _spool(self) -> Incoming:
+        """In memory up to a size (most files are a few pages), on disk beyond it; the
+        caller closes it."""
+        self._incoming_dir.mkdir(parents=True, exist_ok=True)
+        spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - the caller closes it
+            max_size=_SPOOL_IN_MEMORY, mode="w+b", dir=str(self._incoming_dir)
+        )
+        return cast(BinaryIO, spool)
 
     def _drop_incoming(self, db: _Db) -> None:
         if db.incoming is not None:
             db.incoming.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(db.incoming.name)
             db.incoming = None
 
     # -- applying --------------------------------------------------------------------------
@@ -407,25 +415,24 @@ class ReplicaRole:
                 finally:
                     db.applying = False
                 continue
-            paths = [item]
-            while not db.queue.empty() and len(paths) < _MAX_GROUP:
+            files = [item]
+            while not db.queue.empty() and len(files) < _MAX_GROUP:
                 nxt = db.queue.get_nowait()
                 if isinstance(nxt, _ResyncAsked):  # only after a RESYNC: no files follow
                     db.queue.put_nowait(nxt)
                     break
-                paths.append(nxt)
+                files.append(nxt)
             db.applying = True
             try:
-                for group in _groups(paths):
+                for group in _groups(files):
                     if not await self._apply_group(db, group):
                         break
             finally:
                 db.applying = False
-                for path in paths:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                for f in files:
+                    f.close()
 
-    async def _apply_group(self, db: _Db, group: list[Path]) -> bool:
+    async def _apply_group(self, db: _Db, group: list[Incoming]) -> bool:
         """Apply files that arrived together as one transaction (compacted first).
 
         Each apply costs a durable log append and a commit whatever its size, so a
@@ -434,26 +441,26 @@ class ReplicaRole:
         """
         if len(group) == 1:
             return await self._apply_one(db, group[0])
-        merged = group[0].with_name(group[0].name + ".merged")
+        merged = self._spool()
         try:
-            await asyncio.to_thread(_compact, group, merged)
-        except (ltx.LTXError, OSError) as exc:
-            log.warning(
-                "%s: cannot merge %d files, applying one by one: %s", db.name, len(group), exc
-            )
-            for path in group:
-                if not await self._apply_one(db, path):
-                    return False
-            return True
-        try:
+            try:
+                await asyncio.to_thread(_compact, group, merged)
+            except (ltx.LTXError, OSError) as exc:
+                log.warning(
+                    "%s: cannot merge %d files, applying one by one: %s", db.name, len(group), exc
+                )
+                for f in group:
+                    if not await self._apply_one(db, f):
+                        return False
+                return True
             return await self._apply_one(db, merged)
         finally:
-            merged.unlink(missing_ok=True)
+            merged.close()
 
-    async def _apply_one(self, db: _Db, path: Path) -> bool:
+    async def _apply_one(self, db: _Db, f: Incoming) -> bool:
         """Apply one file; False when the copy must be asked for again."""
         try:
-            replica, deleted = await asyncio.to_thread(self._apply_blocking, db, path)
+            replica, deleted = await asyncio.to_thread(self._apply_blocking, db, f)
         except PositionMismatch as exc:
             log.warning("%s: %s; resyncing", db.name, exc.reason)
             db.want_resync = True
@@ -464,6 +471,12 @@ class ReplicaRole:
             log.warning("%s: not applied, asking again: %s", db.name, exc)
             self.state.count("apply_errors")
             self._clear_queue(db)
+            failed = db.replica
+            if failed is not None and failed.problem is not None:
+                # e.g. the log took the file but the commit failed (disk full): opening
+                # the replica again reconciles the database with its log.
+                db.replica = None
+                await asyncio.to_thread(failed.close)
             self._reconnect.set()
             return False
         if deleted:
@@ -473,17 +486,17 @@ class ReplicaRole:
         self._reports.put_nowait(db.name)
         return True
 
-    def _apply_blocking(self, db: _Db, path: Path) -> tuple[ReplicaDatabase, bool]:
+    def _apply_blocking(self, db: _Db, f: Incoming) -> tuple[ReplicaDatabase, bool]:
         replica = self._open(db)
-        with open(path, "rb") as f:
-            replica.apply(f, path=str(path))
+        f.seek(0)
+        replica.apply(f, path=f"{db.name} (from the primary)")
         return replica, replica.deleted
 
     def _clear_queue(self, db: _Db) -> None:
         while not db.queue.empty():
             item = db.queue.get_nowait()
-            if isinstance(item, Path):
-                item.unlink(missing_ok=True)
+            if not isinstance(item, _ResyncAsked):
+                item.close()
 
     # -- resync ----------------------------------------------------------------------------
 
@@ -680,45 +693,44 @@ def remove_primary_files(cfg: Config) -> None:
             (directory / PRIMARY_FILE).unlink(missing_ok=True)
 
 
-def _groups(paths: list[Path]) -> list[list[Path]]:
+def _groups(files: list[Incoming]) -> list[list[Incoming]]:
     """Runs of files that can be merged: incremental, non-empty; snapshots and deletions
     stand alone (a snapshot must be applied as one, a deletion empties the database)."""
-    groups: list[list[Path]] = []
-    run: list[Path] = []
-    for path in paths:
+    groups: list[list[Incoming]] = []
+    run: list[Incoming] = []
+    for f in files:
         try:
-            with open(path, "rb") as f:
-                header = ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE))
+            f.seek(0)
+            header = ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE))
             mergeable = not header.is_snapshot and header.commit > 0
-        except (ltx.LTXError, OSError):
+        except (ltx.LTXError, OSError, ValueError):
             mergeable = False  # the apply reports it
         if mergeable:
-            run.append(path)
+            run.append(f)
             continue
         if run:
             groups.append(run)
             run = []
-        groups.append([path])
+        groups.append([f])
     if run:
         groups.append(run)
     return groups
 
 
-def _compact(paths: list[Path], out_path: Path) -> None:
-    with contextlib.ExitStack() as stack:
-        decoders = [
-            ltx.open_decoder(stack.enter_context(open(p, "rb")), path=str(p)) for p in paths
-        ]
-        with open(out_path, "wb") as out:
-            ltx.compact(decoders, out)
+def _compact(files: list[Incoming], out: Incoming) -> None:
+    for f in files:
+        f.seek(0)
+    decoders = [ltx.open_decoder(f, path="(from the primary)") for f in files]
+    ltx.compact(decoders, out)
+    out.seek(0)
 
 
-def _peek_txid(path: Path) -> tuple[int, int]:
+def _peek_txid(f: Incoming) -> tuple[int, int]:
     """The file's max TXID and post-apply checksum, for lag accounting."""
-    with open(path, "rb") as f:
-        header = ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE))
-        f.seek(-ltx.TRAILER_SIZE, os.SEEK_END)
-        trailer = ltx.Trailer.from_bytes(f.read(ltx.TRAILER_SIZE))
+    f.seek(0)
+    header = ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE))
+    f.seek(-ltx.TRAILER_SIZE, os.SEEK_END)
+    trailer = ltx.Trailer.from_bytes(f.read(ltx.TRAILER_SIZE))
     return header.max_txid, trailer.post_apply_checksum
 
 

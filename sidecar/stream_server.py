@@ -248,6 +248,10 @@ class StreamServer:
             spool.close()
             log.warning("resync for %s failed: %s", request.remote, exc)
             return web.Response(status=503, text=f"{exc}\n")
+        except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:  # replica gone
+            spool.close()
+            log.info("resync for %s abandoned: %s", request.remote, exc or type(exc).__name__)
+            return web.Response(status=204)
         except BaseException:
             spool.close()
             raise

@@ -747,7 +747,7 @@ def test_pos_file_holds_txid_and_checksum(
     primary: Primary, tmp_path: Path, replicas: list[ReplicaDatabase]
 ) -> None:
     replica = open_replica(node(tmp_path), replicas)
-    assert read_pos_file(replica) == b"0000000000000000/0000000000000000\n"
+    assert not replica.pos_path.exists()  # no position yet: no file
     primary.sql("CREATE TABLE t(v)")
     ship(primary, replica)
     data = read_pos_file(replica)
@@ -755,6 +755,24 @@ def test_pos_file_holds_txid_and_checksum(
     assert data == f"{replica.pos.txid:016x}/{replica.pos.post_apply_checksum:016x}\n".encode()
     assert Pos.parse(data.decode()) == replica.pos == primary.log.pos
     assert not [n for n in os.listdir(replica.path.parent) if ".tmp-" in n]
+
+
+def test_a_copy_reopened_without_its_log_keeps_its_pos_file(
+    primary: Primary, tmp_path: Path, replicas: list[ReplicaDatabase]
+) -> None:
+    """A replica that drops its history for a snapshot must not tell readers of the
+    -pos file that it went back to TXID 0 (found by the chaos suite)."""
+    where = node(tmp_path)
+    replica = open_replica(where, replicas)
+    primary.sql("CREATE TABLE t(v)")
+    ship(primary, replica)
+    before = read_pos_file(replica)
+    replica.close()
+    for path in replica.log.directory.iterdir():
+        path.unlink()
+    again = open_replica(where, replicas)
+    assert again.pos.txid == 0
+    assert read_pos_file(again) == before
 
 
 def test_snapshot_that_does_not_move_the_log_forward_is_refused_before_writing(
