@@ -698,16 +698,11 @@ class ReplicationConfig:
     reconnect_max: timedelta = setting(
         Duration(positive=True), "5s", "longest delay between reconnection attempts"
     )
-    max_stream_buffer: int = setting(
-        Int(65536),
-        8 << 20,
-        "bytes queued for one replica before it is caught up from the log instead",
-    )
     fsync: bool = setting(
         Bool(),
         False,
         "replicas fsync their LTX log and commits (off: a power loss may cost a resync, "
-        "never a wrong copy; the primary always fsyncs)",
+        "never a wrong copy; the primary syncs its log in batches, before checkpoints)",
     )
     lock_local_writes: bool = setting(
         Bool(),
