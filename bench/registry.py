@@ -21,7 +21,13 @@ Direction = Literal[">=", "<="]
 
 # Modules that register benchmarks, in the order they run. Add new ones here
 # (tailer overhead, replication lag, proxy, ...).
-MODULES: tuple[str, ...] = ("bench.ltx_throughput", "bench.tailer_overhead", "bench.replication")
+MODULES: tuple[str, ...] = (
+    "bench.ltx_throughput",
+    "bench.tailer_overhead",
+    "bench.replication",
+    "bench.failover",
+    "bench.proxy",
+)
 
 
 @dataclass(frozen=True, slots=True)

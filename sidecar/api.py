@@ -157,17 +157,7 @@ def status_document(cfg: Config, state: ClusterState) -> dict[str, Any]:
 
 def health_problem(cfg: Config, state: ClusterState) -> str | None:
     """Why this node should not get traffic now, or None when it is healthy."""
-    if state.role == "primary":
-        return None
-    if state.primary is None:
-        return f"no primary known (role {state.role})"
-    if not state.ready:
-        return "not ready: the first catch-up from the primary has not finished"
-    max_lag = cfg.proxy.max_lag.total_seconds()
-    lag = state.max_lag_seconds()
-    if max_lag > 0 and lag > max_lag:
-        return f"replication lag {lag:.1f}s exceeds proxy.max-lag {max_lag:g}s"
-    return None
+    return state.health_problem(cfg.proxy.max_lag.total_seconds())
 
 
 async def handle_status(request: web.Request) -> web.Response:

@@ -237,6 +237,22 @@ def pos_path_for(db_path: Path) -> Path:
     return Path(f"{db_path}-pos")
 
 
+def read_page1_file(path: Path) -> tuple[int, int, bytes] | None:
+    """(TXID, position checksum, logical page 1) from a replica's page1 file, or None."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("%s: cannot read: %s", path, exc)
+        return None
+    if len(data) < _PAGE1_HEAD.size + 512 or data[:8] != PAGE1_MAGIC:
+        log.warning("%s: not a page1 file; ignoring it", path)
+        return None
+    _, txid, checksum = _PAGE1_HEAD.unpack_from(data)
+    return int(txid), int(checksum), data[_PAGE1_HEAD.size :]
+
+
 def remove_database_files(db_path: Path) -> list[Path]:
     """Remove a (closed) replica database with its -wal, -shm and -pos files.
 
@@ -530,18 +546,8 @@ class ReplicaDatabase:
 
     def _read_page1_file(self) -> tuple[int, bytes] | None:
         """(TXID, image) from the page1 file, or None when missing or unreadable."""
-        try:
-            data = self.page1_path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            log.warning("%s: cannot read: %s", self.page1_path, exc)
-            return None
-        if len(data) < _PAGE1_HEAD.size + 512 or data[:8] != PAGE1_MAGIC:
-            log.warning("%s: not a page1 file; ignoring it", self.page1_path)
-            return None
-        _, txid, _ = _PAGE1_HEAD.unpack_from(data)
-        return int(txid), data[_PAGE1_HEAD.size :]
+        found = read_page1_file(self.page1_path)
+        return None if found is None else (found[0], found[2])
 
     def _write_page1_file(self, page1: bytes) -> None:
         with atomic_write(self.page1_path, durable=self.durable) as f:
@@ -1444,6 +1450,7 @@ __all__ = [
     "mask_stamped",
     "physical_matches",
     "pos_path_for",
+    "read_page1_file",
     "remove_database_files",
     "wal_page1",
 ]

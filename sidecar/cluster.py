@@ -14,6 +14,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+# Seconds of silence from the primary counted as normal: heartbeats come every second.
+HEARTBEAT_GRACE = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
@@ -114,6 +117,7 @@ class ClusterState:
         self.databases: dict[str, DatabaseView] = {}
         self.replicas: dict[str, ReplicaView] = {}  # primary only
         self.started = time.time()
+        self.heard_at: float | None = None  # monotonic time of the last frame from the primary
         self.counters: dict[str, int] = {}  # metric name -> count, e.g. "resyncs"
         self._changed = asyncio.Event()
         # Set by the primary role: make the tailer read the WAL to its end now and return
@@ -218,11 +222,35 @@ class ClusterState:
             return await self.sync_hook(name)
         return self.txid(name)
 
+    def heard_from_primary(self) -> None:
+        """A frame arrived from the primary (replicas call this for every frame)."""
+        self.heard_at = time.monotonic()
+
     def max_lag_seconds(self) -> float:
+        """How far behind this node may be: the oldest unapplied TXID it knows of, or the
+        silence of its primary beyond a heartbeat's grace (a dead primary announces no
+        TXID, so silence is the only measure of what a replica may be missing)."""
         if self.role == "primary":
             return 0.0
         now = time.monotonic()
-        return max((v.lag_seconds(now) for v in self.databases.values()), default=0.0)
+        lag = max((v.lag_seconds(now) for v in self.databases.values()), default=0.0)
+        if self.heard_at is not None:
+            lag = max(lag, now - self.heard_at - HEARTBEAT_GRACE)
+        return lag
+
+    def health_problem(self, max_lag: float) -> str | None:
+        """Why this node should not get traffic now (None: healthy); one rule for the
+        API's /health and the proxy's health check."""
+        if self.role == "primary":
+            return None
+        if self.primary is None:
+            return f"no primary known (role {self.role})"
+        if self.heard_at is None:
+            return "not ready: not connected to the primary yet"
+        lag = self.max_lag_seconds()
+        if max_lag > 0 and lag > max_lag:
+            return f"replication lag {lag:.1f}s exceeds proxy.max-lag {max_lag:g}s"
+        return None
 
     def replicas_at(self, name: str, txid: int) -> int:
         """How many replicas reported `name` at `txid` or beyond."""

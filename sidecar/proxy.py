@@ -131,14 +131,9 @@ def choose_db(configured: str, names: Iterable[str]) -> str | None:
     return known[0] if len(known) == 1 else None
 
 
-def health_verdict(has_primary: bool, lag: float, max_lag: timedelta) -> tuple[int, str]:
-    """The health check's status and body."""
-    if not has_primary:
-        return 503, "no primary known\n"
-    limit = max_lag.total_seconds()
-    if limit > 0 and lag > limit:
-        return 503, f"replication lag {lag:.3f}s exceeds proxy.max-lag {limit:g}s\n"
-    return 200, "OK\n"
+def health_verdict(problem: str | None) -> tuple[int, str]:
+    """The health check's status and body for ClusterState.health_problem's answer."""
+    return (200, "OK\n") if problem is None else (503, f"{problem}\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,8 +339,8 @@ class _Proxy:
         return await self.write(request)
 
     def health(self) -> web.Response:
-        has_primary = self.state.is_primary or self.state.primary is not None
-        status, body = health_verdict(has_primary, self.state.max_lag_seconds(), self.proxy.max_lag)
+        problem = self.state.health_problem(self.proxy.max_lag.total_seconds())
+        status, body = health_verdict(problem)
         return _text(status, body)
 
     async def read(self, request: web.Request) -> web.StreamResponse:

@@ -259,6 +259,7 @@ class ReplicaRole:
             try:
                 async for chunk in _chunks(resp.content, reconnect):
                     for frame in decoder.feed(chunk):
+                        self.state.heard_from_primary()
                         if isinstance(frame, frames.Hello):
                             self._hello(frame, url)
                             reporter = asyncio.create_task(self._report(session, url))

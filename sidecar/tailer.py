@@ -72,6 +72,7 @@ import ltx
 from ltx import EMPTY_DB_CHECKSUM, Encoder, Header, PageChecksums, lock_pgno, page_checksum
 from ltx.encoder import Writable
 from sidecar import wal
+from sidecar.apply import read_page1_file
 from sidecar.config import has_sqlite_magic
 from sidecar.fileutil import held_fd, release_held
 from sidecar.log import LTXLog
@@ -338,7 +339,51 @@ class DatabaseTailer:
         reason = self._resume_from_log(last, pos, header, wal_bytes)
         if reason is not None:
             self._follow_wal(header, wal_bytes)
-            self._write_snapshot(reason)
+            if not self._adopt_replica_copy(pos):
+                self._write_snapshot(reason)
+
+    def _adopt_replica_copy(self, pos: ltx.Pos) -> bool:
+        """A replica promoted to primary: continue its log with one page, not a snapshot.
+
+        A replica's database is its log's state except for the 12 bytes of page 1 its
+        own SQLite stamps on every commit (DESIGN.md choice 3), and it keeps the logical
+        page 1 in the page1 file beside the log. When the pinned database with that page
+        1 has exactly the log's checksum (which also proves the page1 file is current),
+        the one difference is page 1: it is shipped as the next TXID. Anything else still
+        gets a snapshot.
+        """
+        found = read_page1_file(self.log.directory.parent / "page1")
+        if found is None or self._sums.pages == 0:
+            return False
+        _, _, logical = found  # written at the last apply that changed page 1
+        if len(logical) != self._page_size:
+            return False
+        now = self._checksum()
+        if now ^ self._sums[1] ^ page_checksum(1, logical) != pos.post_apply_checksum:
+            return False
+        if self._sums[1] == page_checksum(1, logical):
+            log.info(
+                "%s: continuing the log of this former replica at TXID %d", self.name, pos.txid
+            )
+            return True
+        physical = next(data for pgno, data in self._pinned_pages() if pgno == 1)
+        header = Header(
+            page_size=self._page_size,
+            commit=self._sums.pages,
+            min_txid=pos.txid + 1,
+            max_txid=pos.txid + 1,
+            timestamp=int(time.time() * 1000),
+            pre_apply_checksum=pos.post_apply_checksum,
+            node_id=self.options.node_id,
+            **self._wal_fields(),
+        )
+        self._append(header, [(1, physical)], now)
+        log.info(
+            "%s: continuing the log of this former replica: page 1 as stamped here is TXID %d",
+            self.name,
+            pos.txid + 1,
+        )
+        return True
 
     def _resume_from_log(
         self, last: Header, pos: ltx.Pos, header: wal.WALHeader | None, wal_bytes: bytes

@@ -208,7 +208,7 @@ async def test_health_says_why_a_node_should_not_get_traffic(
     status, text = await health(node, http)
     assert status == 503 and text.startswith("not ready")
 
-    state.set_ready(True)
+    state.heard_from_primary()  # its stream is up
     assert await health(node, http) == (200, "OK\n")
 
     state.set_primary_position("app.db", 9, 1)
@@ -218,6 +218,10 @@ async def test_health_says_why_a_node_should_not_get_traffic(
 
     state.set_position("app.db", 9, 1)  # caught up
     assert await health(node, http) == (200, "OK\n")
+
+    state.heard_at = time.monotonic() - 60  # but its primary has been silent for a minute
+    status, text = await health(node, http)
+    assert status == 503 and "exceeds proxy.max-lag 10s" in text
 
 
 # -- the token ---------------------------------------------------------------------------

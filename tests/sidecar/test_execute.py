@@ -82,6 +82,7 @@ async def nodes(tmp_path: Path) -> AsyncIterator[tuple[ApiNode, ApiNode]]:
     primary.state.set_role("primary", term)
     primary.state.set_position(DB, 0, 0)
     replica.state.set_role("replica", term)
+    replica.state.heard_from_primary()  # as if its stream were up
     replica.state.set_position(DB, 0, 0)
     yield primary, replica
     for node in (primary, replica):

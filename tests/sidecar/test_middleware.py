@@ -244,6 +244,7 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         term = Primary(primary.state.me, 1)
         primary.state.set_role("primary", term)
         replica.state.set_role("replica", term)
+        replica.state.heard_from_primary()  # as if its stream were up
         for node in (primary, replica):
             node.state.set_position(DB, 0, 0)
         return primary, replica
