@@ -9,8 +9,9 @@ from the loop's thread, and waiters are woken by the change itself (no polling).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,8 @@ class ClusterState:
         self.replicas: dict[str, ReplicaView] = {}  # primary only
         self.started = time.time()
         self.heard_at: float | None = None  # monotonic time of the last frame from the primary
+        self.pausing_writes = False  # a planned handoff is under way (primary)
+        self.writes_in_flight = 0  # writes through the proxy or execute, on the primary
         self.counters: dict[str, int] = {}  # metric name -> count, e.g. "resyncs"
         self._changed = asyncio.Event()
         # Set by the primary role: make the tailer read the WAL to its end now and return
@@ -205,6 +208,31 @@ class ClusterState:
         # and each waiter re-checks its own predicate against the new state.
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def pause_writes(self, paused: bool) -> None:
+        """A planned handoff holds new writes at the proxy and the execute endpoint."""
+        self.pausing_writes = paused
+        self._notify()
+
+    @contextlib.asynccontextmanager
+    async def primary_write(self, timeout: float | None) -> AsyncIterator[bool]:
+        """A slot for one write on this node as primary.
+
+        Waits while a handoff pauses writes, then yields whether this node is (still)
+        the primary. While a slot is held, a handoff waits for it before pausing, so a
+        write is either done before the pause or re-routed after it: never committed
+        here once the node has handed over.
+        """
+        await self.wait_for(lambda: not self.pausing_writes, timeout)
+        if not self.is_primary or self.pausing_writes:
+            yield False
+            return
+        self.writes_in_flight += 1
+        try:
+            yield True
+        finally:
+            self.writes_in_flight -= 1
+            self._notify()
 
     # -- readers ---------------------------------------------------------------------------
 

@@ -86,11 +86,19 @@ def _jsonable(value: object) -> object:
     return value
 
 
-def run_statements(path: Path, statements: list[Statement]) -> Outcome:
+class NotPrimaryError(Exception):
+    """The node stopped being the primary before the write could commit."""
+
+
+def run_statements(
+    path: Path, statements: list[Statement], *, still_primary: Callable[[], bool] | None = None
+) -> Outcome:
     """Run statements in one BEGIN IMMEDIATE transaction; any error rolls all of them back.
 
     Uses sqlean, the process's one SQLite library (DESIGN.md choice 3: a second library
-    would drop the locks that pin the WAL when its descriptors close).
+    would drop the locks that pin the WAL when its descriptors close). `still_primary`
+    is asked once the write lock is held: a node that handed over meanwhile must not
+    commit (its replica role would undo the write).
     """
     conn = sqlean.connect(str(path), isolation_level=None, check_same_thread=False)
     try:
@@ -98,6 +106,8 @@ def run_statements(path: Path, statements: list[Statement]) -> Outcome:
         before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if still_primary is not None and not still_primary():
+                raise NotPrimaryError
             rows: list[list[Any]] | None = None
             for stmt in statements:
                 cursor = conn.execute(stmt.sql, stmt.params if stmt.params is not None else ())
@@ -132,10 +142,17 @@ async def handle_execute(request: web.Request) -> web.StreamResponse:
         return _error(400, f"the body is not JSON: {exc}")
     except RequestError as exc:
         return _error(400, str(exc))
-    if not state.is_primary:
-        await state.wait_for_primary(PRIMARY_TIMEOUT)
+    for _ in range(2):  # a handoff may move the lease while we wait: then route again
+        if not state.is_primary and not state.pausing_writes:
+            await state.wait_for_primary(PRIMARY_TIMEOUT)
+        if not state.is_primary and not state.pausing_writes:
+            break
+        async with state.primary_write(PRIMARY_TIMEOUT) as here:
+            if here:
+                return await _execute_here(request, state, name, statements)
+        await state.wait_for(lambda: state.primary is not None, PRIMARY_TIMEOUT)
     if state.is_primary:
-        return await _execute_here(request, state, name, statements)
+        return _error(503, "the primary is changing: retry")
     if forwarded_by(request.headers.get(FORWARDED_BY_HEADER), request.app["token"]):
         return _error(503, "this node is not the primary (the primary changed), retry")
     if state.primary is None:
@@ -151,7 +168,11 @@ async def _execute_here(
     if path is None:
         return _error(404, f"no database named {name!r} on this node")
     try:
-        outcome = await asyncio.to_thread(run_statements, path, statements)
+        outcome = await asyncio.to_thread(
+            run_statements, path, statements, still_primary=lambda: state.is_primary
+        )
+    except NotPrimaryError:
+        return _error(503, "this node stopped being the primary: nothing was committed, retry")
     except sqlean.Error as exc:
         return _error(400, f"SQLite: {exc} (nothing was committed)")
     txid = await state.committed_txid(name)

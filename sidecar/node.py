@@ -192,7 +192,11 @@ class Node:
         async with self._handoff_lock:
             started = time.monotonic()
             pause = WritePause(self.cfg, [w.path for w in primary.by_name.values()])
+            # New writes through the proxy and execute wait (and are re-routed once the
+            # lease moved); the ones under way finish first.
+            self.state.pause_writes(True)
             try:
+                await self.state.wait_for(lambda: self.state.writes_in_flight == 0, 2.0)
                 await asyncio.to_thread(pause.take)
                 final = {name: await primary.sync_now(name) for name in primary.names()}
                 caught_up = await self.state.wait_for(
@@ -210,9 +214,11 @@ class Node:
                     raise ActionError(409, "the lease is no longer ours")
             except ActionError as exc:
                 await asyncio.to_thread(pause.release)
+                self.state.pause_writes(False)
                 return web.Response(status=exc.status, text=f"{exc.message}\n")
             except (LeaseError, OSError) as exc:
                 await asyncio.to_thread(pause.release)
+                self.state.pause_writes(False)
                 return web.Response(status=503, text=f"handoff failed: {exc}\n")
             positions = tuple(
                 DatabasePosition(n, *self.state.replicas[target.node_id].positions[n])
@@ -334,6 +340,7 @@ class Node:
             if self._pause is not None:  # after a handoff: writes may go on, as a replica's
                 await asyncio.to_thread(self._pause.release)
                 self._pause = None
+                self.state.pause_writes(False)  # held writes now go to the new primary
         if stop.is_set() and not self._step_down.is_set():
             with contextlib.suppress(LeaseError):
                 await lease.release(term)

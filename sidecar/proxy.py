@@ -363,10 +363,18 @@ class _Proxy:
 
     async def write(self, request: web.Request) -> web.StreamResponse:
         forwarder = forwarded_by(request.headers.get(FORWARDED_BY_HEADER), self.token)
-        if not self.state.is_primary:
-            await self.state.wait_for_primary(self.proxy.primary_timeout.total_seconds())
+        timeout = self.proxy.primary_timeout.total_seconds()
+        if self.state.is_primary or self.state.pausing_writes:
+            async with self.state.primary_write(timeout) as here:
+                if here:
+                    return await self.write_on_primary(request)
+        if not self.state.is_primary:  # (or no longer: a handoff just moved the lease)
+            await self.state.wait_for_primary(timeout)
         if self.state.is_primary:
-            return await self.write_on_primary(request)
+            async with self.state.primary_write(timeout) as here:
+                if here:
+                    return await self.write_on_primary(request)
+            return _text(503, "the primary is changing; retry\n")
         action = replica_write_action(
             self.state.primary.node if self.state.primary else None,
             self.proxy,
