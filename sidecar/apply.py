@@ -133,6 +133,7 @@ from sidecar.frames import (
     resync_request_frames,
 )
 from sidecar.log import LogError, LTXLog
+from sidecar.sqlconn import close_quietly
 
 log = logging.getLogger("ltx_sidecar.apply")
 
@@ -458,13 +459,7 @@ class ReplicaDatabase:
             conn, self._conn = self._conn, None
             self._held = False
             self._resync = None
-            if conn is None:
-                return
-            with contextlib.suppress(sqlean.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            with contextlib.suppress(sqlean.Error):
-                conn.close()
+            close_quietly(conn)
 
     def __enter__(self) -> ReplicaDatabase:
         return self

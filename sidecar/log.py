@@ -96,6 +96,14 @@ def _read_ends(f: BinaryIO, path: str) -> tuple[Header, Trailer]:
     return _parse_ends(head, tail, size, path)
 
 
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _resolve_chain(
     entries: list[tuple[int, int]],
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -329,35 +337,23 @@ class LTXLog:
                 head, tail = bytes(data[: HEADER_SIZE + 16]), bytes(data[-TRAILER_SIZE:])
                 header, _ = _parse_ends(head, tail, len(data), None)
                 self.check(header)  # before writing a byte
-            fd, tmp = self._temp_file()
+            tmp, header, trailer = self._write_temp(data, verify=verify)
+            durable = self._durable or header.is_snapshot
             try:
-                with os.fdopen(fd, "w+b") as f:
-                    if isinstance(data, bytes | bytearray | memoryview):
-                        f.write(data)
-                    else:
-                        data(f)
-                    f.flush()
-                    header, trailer = _read_ends(f, tmp)
-                    if verify:
-                        f.seek(0)
-                        if ltx.open_decoder(f, path=tmp).verify() != trailer:
-                            raise LogError("trailer changed while verifying", path=tmp)
-                    self.check(header)
-                    os.fchmod(f.fileno(), self._mode)
-                    if self._durable or header.is_snapshot:
-                        os.fsync(f.fileno())
+                if durable:
+                    _fsync_path(tmp)
                 final = self.path_of(header.min_txid, header.max_txid)
                 os.replace(tmp, final)
-                if self._durable or header.is_snapshot:
-                    fsync_dir(self.directory)
-                else:
-                    self._unsynced.append(final)
-                    if self.unsynced_since is None:
-                        self.unsynced_since = time.monotonic()
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
                 raise
+            if durable:
+                fsync_dir(self.directory)
+            else:
+                self._unsynced.append(final)
+                if self.unsynced_since is None:
+                    self.unsynced_since = time.monotonic()
             if header.is_snapshot and self._mins:
                 self._drop_prefix(len(self._mins))  # after the snapshot is durable
             with self._state:
@@ -379,17 +375,9 @@ class LTXLog:
         the old history shadowing the new file (they may even share a name).
         """
         with self._writer:
-            fd, tmp = self._temp_file()
+            tmp, header, trailer = self._write_temp(data, check=False)
             try:
-                with os.fdopen(fd, "w+b") as f:
-                    if isinstance(data, bytes | bytearray | memoryview):
-                        f.write(data)
-                    else:
-                        data(f)
-                    f.flush()
-                    header, trailer = _read_ends(f, tmp)
-                    os.fchmod(f.fileno(), self._mode)
-                    os.fsync(f.fileno())
+                _fsync_path(tmp)
                 if self._mins:
                     self._drop_prefix(len(self._mins))
                 final = self.path_of(header.min_txid, header.max_txid)
@@ -405,12 +393,41 @@ class LTXLog:
                 self._last = (header, trailer)
             return final
 
-    def _temp_file(self) -> tuple[int, str]:
-        """The writer's temporary file. One writer at a time (self._writer) and one
-        process per log, so a fixed name will do; a random one (mkstemp) costs more than
-        writing a small file."""
+    def _write_temp(
+        self,
+        data: bytes | Callable[[BinaryIO], object],
+        *,
+        verify: bool = False,
+        check: bool = True,
+    ) -> tuple[str, Header, Trailer]:
+        """Write a file under the writer's temporary name; its header and trailer.
+
+        One writer at a time (self._writer) and one process per log, so a fixed name
+        will do; a random one (mkstemp) costs more than writing a small file. The file
+        is removed if anything fails; the caller renames it in (or removes it).
+        """
         tmp = str(self.directory / f"{TEMP_PREFIX}{os.getpid()}")
-        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), tmp
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w+b") as f:
+                if isinstance(data, bytes | bytearray | memoryview):
+                    f.write(data)
+                else:
+                    data(f)
+                f.flush()
+                header, trailer = _read_ends(f, tmp)
+                if verify:
+                    f.seek(0)
+                    if ltx.open_decoder(f, path=tmp).verify() != trailer:
+                        raise LogError("trailer changed while verifying", path=tmp)
+                if check:
+                    self.check(header)
+                os.fchmod(f.fileno(), self._mode)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp, header, trailer
 
     def sync(self) -> int:
         """Make every append so far durable (a non-durable log); return how many."""
@@ -418,14 +435,8 @@ class LTXLog:
             pending, self._unsynced = self._unsynced, []
             self.unsynced_since = None
             for path in pending:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:  # removed since (retention, a snapshot)
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                with contextlib.suppress(FileNotFoundError):  # removed since (retention)
+                    _fsync_path(str(path))
             if pending:
                 fsync_dir(self.directory)
             return len(pending)

@@ -10,7 +10,6 @@ cannot drop another connection's locks.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import sqlean
 
 from sidecar.config import Config
+from sidecar.sqlconn import close_quietly
 
 log = logging.getLogger("ltx_sidecar.pause")
 
@@ -49,10 +49,7 @@ class WritePause:
     def release(self) -> None:
         conns, self._conns = self._conns, []
         for conn in conns:
-            with contextlib.suppress(sqlean.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                conn.close()
+            close_quietly(conn)
 
     @property
     def held(self) -> bool:

@@ -33,18 +33,16 @@ here (``ReaderError``) rather than reaching a replica.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import sqlean
-
 from ltx import Encoder, Header, PageChecksums, Pos, lock_pgno, page_checksum
 from ltx.encoder import Writable
 from ltx.errors import TrailerError
 from sidecar.frames import PageHashes, ResyncBegin, page_hash
+from sidecar.sqlconn import close_quietly
 
 __all__ = ["PinnedReader", "ReaderError", "ResyncBuilder", "ResyncError", "write_snapshot"]
 
@@ -133,13 +131,7 @@ class PinnedReader:
     def close(self) -> None:
         """End the read transaction (checkpoints may proceed) and close the connection."""
         conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        with contextlib.suppress(sqlean.Error):
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        with contextlib.suppress(sqlean.Error):
-            conn.close()
+        close_quietly(conn)
 
     def __enter__(self) -> PinnedReader:
         return self

@@ -77,6 +77,7 @@ from sidecar.config import has_sqlite_magic
 from sidecar.fileutil import held_fd, release_held
 from sidecar.log import LTXLog
 from sidecar.resync import PinnedReader, write_snapshot
+from sidecar.sqlconn import close_quietly
 
 log = logging.getLogger("ltx_sidecar.tailer")
 
@@ -274,13 +275,7 @@ class DatabaseTailer:
         except OSError as exc:
             log.warning("%s: cannot sync the LTX log: %s", self.name, exc)
         for conn in (self._pin, self._spare, self._ctl):
-            if conn is not None:
-                try:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    conn.close()
-                except sqlean.Error:
-                    pass
+            close_quietly(conn)
         self._pin = self._spare = self._ctl = None
         self._raw = None  # held descriptors stay open (POSIX locks: see held_fd)
         self._shm = None
