@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.registry import Context, Result, Target, benchmark
-from tests.e2e.cluster import TOKEN, TestNode, open_writer, wait_until
+from tests.e2e.cluster import TOKEN, TestNode, redis_nodes, the_primary, wait_until
+from tests.e2e.cluster import converge as converge_nodes
+from tests.e2e.cluster import start_cluster as start_nodes
 from tests.helpers import free_port
 
 DB = "app.db"
@@ -210,58 +212,18 @@ def acked_rows(path: Path) -> set[int]:
 
 def make_nodes(root: Path, redis_url: str) -> list[TestNode]:
     key = f"ltx-sidecar/bench/{uuid.uuid4().hex}"
-    return [
-        TestNode(
-            f"node{i}",
-            root / f"node{i}",
-            redis_url=redis_url,
-            lease_key=key,
-            ttl=f"{TTL_SECONDS:g}s",
-            extra='[log]\nlevel = "WARNING"\n',
-        )
-        for i in (1, 2, 3)
-    ]
-
-
-def primaries(nodes: Sequence[TestNode]) -> list[TestNode]:
-    return [n for n in nodes if n.process is not None and n.role() == "primary"]
-
-
-def the_primary(nodes: Sequence[TestNode], timeout: float = 60) -> TestNode:
-    found: list[TestNode] = []
-
-    def one() -> bool:
-        found[:] = primaries(nodes)
-        return len(found) == 1
-
-    wait_until(one, timeout, "exactly one primary", *nodes)
-    return found[0]
+    return redis_nodes(
+        root, redis_url, key, ttl=f"{TTL_SECONDS:g}s", extra='[log]\nlevel = "WARNING"\n'
+    )
 
 
 def converge(nodes: Sequence[TestNode], timeout: float = 60) -> TestNode:
-    """Wait until every live node is at the primary's position; the primary."""
-    live = [n for n in nodes if n.process is not None]
-    primary = the_primary(live)
-
-    def same() -> bool:
-        want = primary.position(DB)
-        return want is not None and want[0] > 0 and all(n.position(DB) == want for n in live)
-
-    wait_until(same, timeout, "every node at the primary's position", *live)
-    return primary
+    """Every live node at the primary's position; the primary."""
+    return converge_nodes(nodes, DB, timeout=timeout, pages=False)
 
 
 def start_cluster(nodes: Sequence[TestNode]) -> TestNode:
-    first = nodes[0]
-    first.write_config()
-    conn = open_writer(first.db())
-    conn.execute("CREATE TABLE IF NOT EXISTS acked(id INTEGER PRIMARY KEY)")
-    conn.close()
-    first.start()
-    wait_until(lambda: first.role() == "primary" and first.txid() > 0, 60, "first primary", first)
-    for node in nodes[1:]:
-        node.start()
-    return converge(nodes)
+    return start_nodes(nodes, "CREATE TABLE IF NOT EXISTS acked(id INTEGER PRIMARY KEY)")
 
 
 @contextlib.contextmanager

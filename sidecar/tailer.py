@@ -61,7 +61,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -776,7 +776,9 @@ class DatabaseTailer:
                 pages[pgno] = self._raw_page(pgno)
         self._sums.update({pgno: page_checksum(pgno, data) for pgno, data in pages.items()}, commit)
 
-    def _append(self, header: Header, pages: list[tuple[int, bytes]], post: int) -> None:
+    def _append(self, header: Header, pages: Iterable[tuple[int, bytes]], post: int) -> None:
+        """Encode pages (streamed: a snapshot is never held in memory) into the log."""
+
         def write(f: BinaryIO) -> None:
             encoder = Encoder(f, header)
             for pgno, data in pages:
@@ -824,7 +826,7 @@ class DatabaseTailer:
             node_id=self.options.node_id,
             **self._wal_fields(),
         )
-        self._append(header, list(self._pinned_pages()), self._checksum())
+        self._append(header, self._pinned_pages(), self._checksum())
         self.state.snapshots += 1
 
     def _rescan(self, reason: str) -> int:

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,14 +244,90 @@ def same_pages(a: Path, b: Path) -> bool:
     return size_a == size_b and pages_a == pages_b
 
 
+# -- clusters ---------------------------------------------------------------------------
+
+
+def redis_nodes(
+    root: Path, redis_url: str, key: str, count: int = 3, **kwargs: Any
+) -> list[TestNode]:
+    """`count` candidates named node1.. with the Redis lease (TTL 1 s unless given)."""
+    return [
+        TestNode(f"node{i}", root / f"node{i}", redis_url=redis_url, lease_key=key, **kwargs)
+        for i in range(1, count + 1)
+    ]
+
+
+def primaries(nodes: Sequence[TestNode]) -> list[TestNode]:
+    return [n for n in nodes if n.process is not None and n.role() == "primary"]
+
+
+def the_primary(nodes: Sequence[TestNode], timeout: float = 30) -> TestNode:
+    """The one node that says it is primary, once exactly one does."""
+    found: list[TestNode] = []
+
+    def one() -> bool:
+        found[:] = primaries(nodes)
+        return len(found) == 1
+
+    wait_until(one, timeout, "exactly one primary", *nodes)
+    return found[0]
+
+
+def start_cluster(nodes: Sequence[TestNode], schema: str) -> TestNode:
+    """The first node creates the database (`schema`) and becomes primary; the others
+    follow; returns once every node is at the primary's position."""
+    first = nodes[0]
+    first.write_config()
+    conn = open_writer(first.db())
+    conn.execute(schema)
+    conn.close()
+    first.start()
+    wait_until(lambda: first.role() == "primary" and first.txid() > 0, 60, "first primary", first)
+    for node in nodes[1:]:
+        node.start()
+    return converge(nodes, pages=False)
+
+
+def converge(
+    nodes: Sequence[TestNode], db: str = "app.db", *, timeout: float = 60, pages: bool = True
+) -> TestNode:
+    """Every live node at the primary's position once it has shipped all it holds; with
+    `pages`, equal page bytes and integrity_check ok everywhere. Returns the primary."""
+    live = [n for n in nodes if n.process is not None]
+    primary = the_primary(live)
+
+    def shipped() -> bool:
+        pos = primary.position(db)
+        return pos is not None and pos[0] > 0 and pos[1] == database_checksum(primary.db(db))
+
+    wait_until(shipped, timeout, "the primary has shipped everything", *live)
+
+    def same() -> bool:
+        want = primary.position(db)
+        return want is not None and all(n.position(db) == want for n in live)
+
+    wait_until(same, timeout, "every node at the primary's position", *live)
+    if pages:
+        for n in live:
+            if n is not primary:
+                assert same_pages(primary.db(db), n.db(db)), f"{n.name} pages differ"
+            assert integrity(n.db(db)) == "ok", f"{n.name}: integrity_check failed"
+    return primary
+
+
 __all__ = [
     "TOKEN",
     "TestNode",
+    "converge",
     "database_checksum",
     "integrity",
     "open_writer",
     "page_checksum",
     "page_images",
+    "primaries",
+    "redis_nodes",
     "same_pages",
+    "start_cluster",
+    "the_primary",
     "wait_until",
 ]

@@ -22,10 +22,11 @@ import sqlean
 
 from tests.e2e.cluster import (
     TestNode,
-    database_checksum,
-    integrity,
+    converge,
     open_writer,
-    same_pages,
+    redis_nodes,
+    start_cluster,
+    the_primary,
     wait_until,
 )
 from tests.faultproxy import FaultProxy
@@ -34,62 +35,15 @@ from tests.helpers import RedisServer, free_port
 pytestmark = pytest.mark.timeout(300)
 
 
+SCHEMA = "CREATE TABLE acked(id INTEGER PRIMARY KEY, node TEXT)"
+
+
 def make_nodes(tmp_path: Path, redis_url: str, key: str, count: int = 3) -> list[TestNode]:
-    return [
-        TestNode(f"node{i}", tmp_path / f"node{i}", redis_url=redis_url, lease_key=key)
-        for i in range(1, count + 1)
-    ]
+    return redis_nodes(tmp_path, redis_url, key, count)
 
 
-def primaries(nodes: list[TestNode]) -> list[TestNode]:
-    return [n for n in nodes if n.process is not None and n.role() == "primary"]
-
-
-def the_primary(nodes: list[TestNode], timeout: float = 30) -> TestNode:
-    found: list[TestNode] = []
-
-    def one() -> bool:
-        found[:] = primaries(nodes)
-        return len(found) == 1
-
-    wait_until(one, timeout, "exactly one primary", *nodes)
-    return found[0]
-
-
-def start_cluster(nodes: list[TestNode]) -> TestNode:
-    """The first node creates the database and becomes primary; the others follow."""
-    first = nodes[0]
-    first.write_config()
-    conn = open_writer(first.db())
-    conn.execute("CREATE TABLE acked(id INTEGER PRIMARY KEY, node TEXT)")
-    conn.close()
-    first.start()
-    wait_until(lambda: first.role() == "primary" and first.txid() > 0, 30, "first primary", first)
-    for node in nodes[1:]:
-        node.start()
-    converge(nodes)
-    return first
-
-
-def converge(nodes: list[TestNode], db: str = "app.db") -> None:
-    live = [n for n in nodes if n.process is not None]
-    primary = the_primary(live)
-
-    def shipped() -> bool:
-        pos = primary.position(db)
-        return pos is not None and pos[1] == database_checksum(primary.db(db))
-
-    wait_until(shipped, 60, "the primary has shipped", *live)
-
-    def same() -> bool:
-        want = primary.position(db)
-        return want is not None and all(n.position(db) == want for n in live)
-
-    wait_until(same, 60, "every node at the primary's position", *live)
-    for n in live:
-        if n is not primary:
-            assert same_pages(primary.db(db), n.db(db)), f"{n.name} pages differ"
-        assert integrity(n.db(db)) == "ok"
+def start(nodes: list[TestNode]) -> TestNode:
+    return start_cluster(nodes, SCHEMA)
 
 
 def rows(node: TestNode) -> set[int]:
@@ -159,7 +113,7 @@ def nodes(tmp_path: Path, redis_server: RedisServer, lease_key: str) -> Iterator
 def test_kill_9_of_the_primary_under_load_fails_over_and_loses_no_acked_write(
     nodes: list[TestNode],
 ) -> None:
-    first = start_cluster(nodes)
+    first = start(nodes)
     with Writer(nodes) as writer:
         wait_until(lambda: len(writer.acked) > 50, 30, "writes", *nodes)
         first.kill()
@@ -182,7 +136,7 @@ def test_planned_handoff_under_load_loses_nothing(nodes: list[TestNode]) -> None
     """Writes keep coming through every node (the old primary included) while the lease
     moves back and forth: every acknowledged write must survive. (Writes waiting on the
     pause once committed on the old primary after it became a replica, and were lost.)"""
-    first = start_cluster(nodes)
+    first = start(nodes)
     writers = [Writer(nodes, pause=0) for _ in range(4)]
     for w in writers:
         w._next = 1 + 1_000_000 * writers.index(w)  # disjoint row ids
@@ -219,7 +173,7 @@ def test_a_primary_cut_off_from_redis_steps_down_before_another_takes_over(
         cluster = make_nodes(tmp_path, redis_server.url, lease_key)
         cluster[0].redis_url = via_proxy
         try:
-            first = start_cluster(cluster)
+            first = start(cluster)
             conn = open_writer(first.db())
             cut_proxy.cut()
             # The cut-off primary's app keeps writing while it can (until it steps down
@@ -241,7 +195,7 @@ def test_a_primary_cut_off_from_redis_steps_down_before_another_takes_over(
 
 
 def test_twenty_random_kill_and_restart_rounds_end_converged(nodes: list[TestNode]) -> None:
-    start_cluster(nodes)
+    start(nodes)
     rng = random.Random(20)
     with Writer(nodes):
         for _ in range(20):

@@ -19,10 +19,9 @@ import sqlean
 from tests.e2e.cluster import (
     TOKEN,
     TestNode,
-    database_checksum,
+    converge,
     integrity,
     open_writer,
-    same_pages,
     wait_until,
 )
 
@@ -55,21 +54,7 @@ def cluster(tmp_path: Path) -> Iterator[list[TestNode]]:
 
 def converged(primary: TestNode, *replicas: TestNode, db: str = "app.db") -> None:
     """Every replica reaches the primary's position; equal pages; integrity ok."""
-
-    def shipped() -> bool:
-        pos = primary.position(db)
-        return pos is not None and pos[0] > 0 and pos[1] == database_checksum(primary.db(db))
-
-    wait_until(shipped, 30, "the primary has shipped everything", primary, *replicas)
-
-    def same() -> bool:
-        want = primary.position(db)
-        return want is not None and all(r.position(db) == want for r in replicas)
-
-    wait_until(same, 60, "replicas reach the primary's position", primary, *replicas)
-    for r in replicas:
-        assert same_pages(primary.db(db), r.db(db)), f"{r.name} pages differ"
-        assert integrity(r.db(db)) == "ok"
+    converge([primary, *replicas], db)
 
 
 def writer_command(db: Path, writer_id: int, transactions: int, seed: int) -> list[str]:
