@@ -60,7 +60,7 @@ from typing import BinaryIO
 
 import ltx
 from ltx.header import HEADER_SIZE, TRAILER_SIZE, Header, Pos, Trailer
-from sidecar.fileutil import current_umask, fsync_dir, remove_files
+from sidecar.fileutil import current_umask, fsync_dir, remove_files, sync_files
 
 log = logging.getLogger(__name__)
 
@@ -434,11 +434,7 @@ class LTXLog:
         with self._writer:
             pending, self._unsynced = self._unsynced, []
             self.unsynced_since = None
-            for path in pending:
-                with contextlib.suppress(FileNotFoundError):  # removed since (retention)
-                    _fsync_path(str(path))
-            if pending:
-                fsync_dir(self.directory)
+            sync_files(pending, self.directory)
             return len(pending)
 
     def _drop_prefix(self, count: int) -> list[Path]:
