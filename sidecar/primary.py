@@ -133,13 +133,19 @@ class DatabaseWorker:
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         poll = self.cfg.databases.poll_interval.total_seconds()
-        while not stop.is_set():
-            self.wake.clear()
-            await asyncio.to_thread(self._step)
-            if self.wake.is_set():
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), poll)
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                await asyncio.to_thread(self._step)
+                if self.wake.is_set():
+                    continue
+                woken = asyncio.ensure_future(self.wake.wait())
+                # A stop (a handoff, a shutdown) must not wait for the poll interval.
+                await asyncio.wait({woken, stopping}, timeout=poll, return_when="FIRST_COMPLETED")
+                woken.cancel()
+        finally:
+            stopping.cancel()
         await asyncio.to_thread(self._shutdown)
 
     def _step(self) -> None:
