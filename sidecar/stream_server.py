@@ -21,6 +21,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ from sidecar.tailer import TailerError
 log = logging.getLogger("ltx_sidecar.stream")
 
 _READ_CHUNK = 256 << 10
+_ENCODED_CACHE = 128  # small log files kept encoded for the streams ...
+_ENCODED_MAX = 64 << 10  # ... of at most this size (8 MiB in all)
 
 
 class PrimarySource(Protocol):
@@ -109,6 +112,30 @@ class StreamServer:
         self.stopping = asyncio.Event()
         self._streams: set[asyncio.Task[None]] = set()
         self._active: set[_Stream] = set()
+        self._encoded: OrderedDict[tuple[int, str, Path, int, int], _Encoded] = OrderedDict()
+
+    def encoded_file(self, epoch: int, name: str, path: Path) -> _Encoded | None:
+        """The frames of a small log file, encoded once for every replica's stream (most
+        files are a transaction of a few pages, sent to each replica as it lands); None
+        for a larger file, which each stream reads as it sends."""
+        st = os.stat(path)
+        if st.st_size > _ENCODED_MAX:
+            return None
+        key = (epoch, name, path, st.st_ino, st.st_mtime_ns)
+        cached = self._encoded.get(key)
+        if cached is not None:
+            self._encoded.move_to_end(key)
+            return cached
+        with open(path, "rb") as f:
+            data = f.read()
+        header = Header.from_bytes(data[: ltx.HEADER_SIZE])
+        trailer = Trailer.from_bytes(data[-ltx.TRAILER_SIZE :])
+        wire = b"".join(frames.encode(f) for f in frames.ltx_fragments(epoch, name, [data]))
+        cached = _Encoded(wire, header.max_txid, trailer.post_apply_checksum)
+        self._encoded[key] = cached
+        if len(self._encoded) > _ENCODED_CACHE:
+            self._encoded.popitem(last=False)
+        return cached
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -410,11 +437,14 @@ class _Stream:
 
     async def _send_files(self, name: str, files: list[Path]) -> None:
         for path in files:
-            with open(path, "rb") as f:
-                await self._send_file(name, f)
-            header = _header_of(path)
-            trailer = _trailer_of(path)
-            self.replicas[name] = _Replica(header.max_txid, trailer.post_apply_checksum)
+            encoded = self.server.encoded_file(self.epoch, name, path)
+            if encoded is not None:
+                await self.resp.write(encoded.data)
+            else:  # a large file: fragments read as they are sent
+                with open(path, "rb") as f:
+                    await self._send_file(name, f)
+                encoded = _Encoded(b"", *_ends_of(path))
+            self.replicas[name] = _Replica(encoded.max_txid, encoded.post_checksum)
 
     async def _send_file(self, name: str, f: BinaryIO) -> None:
         for fragment in frames.ltx_fragments(self.epoch, name, _chunks(f)):
@@ -432,6 +462,19 @@ class _Stream:
         )
         await self.send(frames.Resync(self.epoch, name, reason, pos.txid, pos.post_apply_checksum))
         have.resync_sent = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A small LTX file as the frames every stream sends, with where it leaves a replica."""
+
+    data: bytes
+    max_txid: int
+    post_checksum: int
+
+
+def _ends_of(path: Path) -> tuple[int, int]:
+    return _header_of(path).max_txid, _trailer_of(path).post_apply_checksum
 
 
 def _header_of(path: Path) -> Header:
