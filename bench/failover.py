@@ -40,8 +40,8 @@ from tests.helpers import free_port
 
 DB = "app.db"
 TTL_SECONDS = 5.0  # the lease's default TTL: the target is stated at defaults
-KILLS = {"quick": 5, "full": 20}
-HANDOFFS = {"quick": 5, "full": 20}
+KILLS = {"quick": 2, "full": 20}
+HANDOFFS = {"quick": 2, "full": 20}
 WRITE_RATE = 200.0  # acknowledged writes per second the writer aims at (two threads)
 WRITE_TIMEOUT = 10.0
 
@@ -264,8 +264,16 @@ def failover(ctx: Context) -> list[Result]:
     """Over N kills of the primary under write load: time to the first acknowledged write."""
     kills = KILLS[ctx.mode]
     times: list[float] = []
+    events: list[dict[str, object]] = []  # the timeline bench/plots.py draws
+    t0 = time.monotonic()
+
+    def event(node: TestNode, role: str) -> None:
+        events.append({"t": round(time.monotonic() - t0, 3), "node": node.name, "role": role})
+
     with cluster(ctx.tmp_dir) as nodes:
         primary = start_cluster(nodes)
+        for node in nodes:
+            event(node, "primary" if node is primary else "replica")
         writer = AckWriter(next(n for n in nodes if n is not primary))
         with writer:
             for _ in range(kills):
@@ -275,15 +283,22 @@ def failover(ctx: Context) -> list[Result]:
                 wait_for_acks(writer, mark, 5, "writes", nodes)
                 killed_at = time.monotonic()
                 primary.kill()
+                event(primary, "down")
+                survivors = [n for n in nodes if n is not primary]
+                event(the_primary(survivors), "primary")
                 wait_for_acks(writer, killed_at, 1, "a write acknowledged after the kill", nodes)
                 times.append(first_ack_after(writer.acks, killed_at) or float("nan"))
                 primary.start()
+                event(primary, "replica")
                 with writer.paused():
                     converge(nodes)
             with writer.paused():
                 final = converge(nodes)
                 acked = {a.row for a in writer.acks}
                 lost = len(acked - acked_rows(final.db()))
+        timeline = {"nodes": [n.name for n in nodes], "events": events,
+                    "end": round(time.monotonic() - t0, 3)}  # fmt: skip
+        (ctx.out_dir / "failover.json").write_text(json.dumps(timeline, indent=1) + "\n")
     return [
         Result(
             f"failover time, max over {kills} kills",

@@ -38,7 +38,7 @@ from ltx import (
 
 PAGE_SIZE = 4096
 RUNS = 3
-SIZES = {"quick": 40_000_000, "full": 200_000_000}  # database bytes to generate
+SIZES = {"quick": 20_000_000, "full": 200_000_000}  # database bytes to generate
 
 ENCODE_TARGET = Target(250, ">=")
 DECODE_TARGET = Target(500, ">=")

@@ -6,10 +6,11 @@ encoded as PNG with zlib, so the plots come out on any machine the benchmarks ru
     python -m bench.plots [--mode quick|full] [--dir DIR]
 
 runs a short replication load (bench.replication.lag_over_time) and writes
-``lag-over-time.png``; when ``DIR/failover.json`` exists (written by a failover
+``lag-over-time.png``; when ``DIR/failover.json`` exists (written by the failover
 benchmark: ``{"nodes": [...], "events": [{"t": s, "node": id, "role": "primary" |
 "replica" | "down" | "candidate"}], "end": s}``) it writes ``failover-timeline.png`` too.
-DIR defaults to bench/, beside REPORT.md.
+DIR defaults to bench/, beside REPORT.md. ``python -m bench`` makes both plots itself
+(lag_plot, failover_plot) and links them from the report.
 """
 
 from __future__ import annotations
@@ -281,21 +282,41 @@ def write_failover_plot(data: dict[str, object], path: Path) -> Path:
     return path
 
 
+LAG_PLOT_SECONDS = {"quick": 2.0, "full": 20.0}  # the load behind lag-over-time.png
+LAG_PLOT_RATE = 1000.0  # commits/s
+LAG_PNG = "lag-over-time.png"
+FAILOVER_JSON = "failover.json"  # written by bench/failover.py into the output directory
+FAILOVER_PNG = "failover-timeline.png"
+
+
+def lag_plot(mode: str, path: Path) -> Path:
+    """Run a short load on a primary and two replicas and plot each commit's lag."""
+    from bench.replication import lag_over_time  # starts processes: only when asked
+
+    with tempfile.TemporaryDirectory(prefix="bench-plots-") as tmp:
+        samples = lag_over_time(
+            Path(tmp), replicas=2, seconds=LAG_PLOT_SECONDS[mode], rate=LAG_PLOT_RATE
+        )
+    return write_lag_plot(samples, path)
+
+
+def failover_plot(data_path: Path, path: Path) -> Path:
+    """The timeline of roles from the failover benchmark's JSON dump."""
+    data = json.loads(data_path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{data_path}: not a JSON object")
+    return write_failover_plot(data, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__)
     parser.add_argument("--mode", choices=("quick", "full"), default="quick")
     parser.add_argument("--dir", type=Path, default=HERE, help="where the PNGs go (default bench/)")
     args = parser.parse_args(argv)
-    from bench.replication import lag_over_time  # starts processes: only when asked
-
-    seconds = 4.0 if args.mode == "quick" else 20.0
-    with tempfile.TemporaryDirectory(prefix="bench-plots-") as tmp:
-        samples = lag_over_time(Path(tmp), replicas=2, seconds=seconds, rate=1000.0)
-    print(f"wrote {write_lag_plot(samples, args.dir / 'lag-over-time.png')}")
-    failover = args.dir / "failover.json"
+    print(f"wrote {lag_plot(args.mode, args.dir / LAG_PNG)}")
+    failover = args.dir / FAILOVER_JSON
     if failover.is_file():
-        data = json.loads(failover.read_text())
-        print(f"wrote {write_failover_plot(data, args.dir / 'failover-timeline.png')}")
+        print(f"wrote {failover_plot(failover, args.dir / FAILOVER_PNG)}")
     return 0
 
 

@@ -40,10 +40,10 @@ T = TypeVar("T")
 DB = "app.db"
 APP = Path(__file__).resolve().parents[1] / "examples" / "app.py"
 CONCURRENCY = 16
-ROUND_SECONDS = {"quick": 2.0, "full": 5.0}
-ROUNDS = {"quick": 3, "full": 5}  # each round: one direct run and one proxied run
-PAIRS = {"quick": 300, "full": 1000}
-SYNC_WRITES = {"quick": 600, "full": 1800}  # split evenly between 0, 1 and 2 replicas
+ROUND_SECONDS = {"quick": 1.0, "full": 5.0}
+ROUNDS = {"quick": 2, "full": 5}  # each round: one direct run and one proxied run
+PAIRS = {"quick": 150, "full": 1000}
+SYNC_WRITES = {"quick": 300, "full": 1800}  # split evenly between 0, 1 and 2 replicas
 
 THROUGHPUT_TARGET = Target(70, ">=")
 STALE_TARGET = Target(0, "<=")

@@ -37,9 +37,9 @@ from bench.tailer_overhead import (
 from tests.e2e.cluster import TestNode, database_checksum, wait_until
 
 DB = "app.db"
-LAG_SECONDS = {"quick": 4.0, "full": 20.0}
-MAX_RATE_SECONDS = {"quick": 3.0, "full": 15.0}
-BOOTSTRAP_MB = {"quick": 128, "full": 1024}
+LAG_SECONDS = {"quick": 2.0, "full": 20.0}
+MAX_RATE_SECONDS = {"quick": 1.5, "full": 15.0}
+BOOTSTRAP_MB = {"quick": 48, "full": 1024}
 FANOUT = 8
 
 P50_TARGET = Target(2, "<=")

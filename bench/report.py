@@ -28,6 +28,7 @@ class Run:
     machine: dict[str, str]
     outcomes: list[Outcome]
     conditions: dict[str, str] = field(default_factory=dict)
+    plots: dict[str, str] = field(default_factory=dict)  # title -> PNG path, relative to the report
 
     @property
     def missed(self) -> list[tuple[str, Result]]:
@@ -220,6 +221,10 @@ def markdown(run: Run) -> str:
             shown[4] = f"**{shown[4]}**"
         lines.append("| " + " | ".join(cell(c) for c in shown) + " |")
     lines += ["", *(f"{line}  " for line in _summary(run))]
+    if run.plots:
+        lines += ["", "## Plots", ""]
+        for title, path in run.plots.items():
+            lines += [f"### {title}", "", f"![{title}]({path})", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -252,6 +257,7 @@ def as_json(run: Run) -> dict[str, Any]:
             for o in run.outcomes
         ],
         "missed": [f"{name} / {r.name}" for name, r in run.missed],
+        "plots": run.plots,
     }
 
 

@@ -69,9 +69,9 @@ from bench.registry import Context, Result, Target, benchmark
 from ltx import LTXError, parse_filename
 from ltx.header import HEADER_SIZE, Header
 
-RUN_SECONDS = {"quick": 3.0, "full": 15.0}  # each throughput run
-PAIRS = {"quick": 4, "full": 5}  # without/with pairs
-LATENCY_SECONDS = {"quick": 5.0, "full": 30.0}
+RUN_SECONDS = {"quick": 2.0, "full": 15.0}  # each throughput run
+PAIRS = {"quick": 2, "full": 5}  # without/with pairs
+LATENCY_SECONDS = {"quick": 3.0, "full": 30.0}
 PACED_RATE = 1000.0  # commits/s for the latency run
 SAMPLE_INTERVAL = 0.1  # seconds between backlog samples
 CALIBRATION_FILES = 300

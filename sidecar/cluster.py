@@ -250,6 +250,15 @@ class ClusterState:
             return await self.sync_hook(name)
         return self.txid(name)
 
+    async def write_txid(self, name: str) -> int | None:
+        """The TXID of a write just committed here as primary; None when this node stopped
+        being the primary meanwhile: the write may never have been shipped (then it is in
+        the quarantine), so no TXID can honestly be promised for it."""
+        if self.role != "primary":
+            return None
+        txid = await self.committed_txid(name)
+        return txid if self.role == "primary" else None
+
     def heard_from_primary(self) -> None:
         """A frame arrived from the primary (replicas call this for every frame)."""
         self.heard_at = time.monotonic()

@@ -268,6 +268,8 @@ class Node:
                     term = await lease.acquire(self.me)
                 except LeaseError as exc:
                     self._lease_problem(f"cannot take the lease: {exc}")
+            if term is not None and lease.acquired_after_reset:
+                term = await self._hold_off(lease, term, stop)
             if term is not None:
                 await self._primary_term(lease, term, stop)
                 continue
@@ -289,6 +291,38 @@ class Node:
             lease.observe_epoch(holder.epoch)
             await self._replica_term(lease, holder, stop)
 
+    async def _hold_off(self, lease: Lease, term: Term, stop: asyncio.Event) -> Term | None:
+        """Hold a lease taken from a store that lost its data, without acting on it, for
+        one TTL: the previous holder may still believe it is primary until its own term
+        runs out (it steps down at its next renewal). Found by the chaos suite: without
+        this, two primaries overlapped after Redis restarted empty."""
+        log.warning(
+            "the lease store lost its data (Redis restarted empty?): holding the lease %.1fs "
+            "before acting as primary, so the previous primary has stopped",
+            lease.ttl,
+        )
+        until = time.monotonic() + lease.ttl
+        while time.monotonic() < until:
+            await _sleep_or(stop, min(lease.renew_interval, until - time.monotonic()))
+            if stop.is_set():
+                return None
+            try:
+                renewed = await lease.renew(term)
+            except LeaseError as exc:
+                self._lease_problem(f"cannot renew the lease: {exc}")
+                return None
+            if renewed is None:
+                return None
+            term = renewed
+        # Candidates have published their positions again meanwhile: one more current
+        # than this node takes the lease instead, so no acknowledged write is dropped.
+        if await self._should_wait(lease):
+            log.info("a more current candidate is alive: giving the lease up to it")
+            with contextlib.suppress(LeaseError):
+                await lease.release(term)
+            return None
+        return term
+
     def _lease_problem(self, message: str) -> None:
         if message != self._last_lease_problem:
             log.warning("%s", message)
@@ -302,6 +336,11 @@ class Node:
             return False
         others.pop(self.me.node_id, None)
         mine = {v.name: (v.txid, v.checksum) for v in self.state}
+        if not published:  # unknown (Redis lost it): the best live candidate stands in
+            for positions in others.values():
+                for name, (txid, checksum) in positions.items():
+                    if txid > published.get(name, (0, 0))[0]:
+                        published[name] = (txid, checksum)
         return candidate_should_wait(mine, published, others)
 
     async def _primary_term(self, lease: Lease, term: Term, stop: asyncio.Event) -> None:

@@ -400,11 +400,17 @@ class _Proxy:
         async def finish(headers: CIMultiDict[str]) -> None:
             if db is None:
                 return
-            txid = await self.state.committed_txid(db)
+            txid = await self.state.write_txid(db)
+            required = self.sync_replicas(request)
+            if txid is None:  # the node stepped down meanwhile: in doubt, no promise
+                self.state.count("writes_in_doubt")
+                if required > 0:
+                    headers[SYNC_RESPONSE_HEADER] = "timeout"
+                    self.state.count("sync_timeouts")
+                return
             self.clock(db).observe(txid, time.monotonic())
             headers.add("Set-Cookie", txid_cookie(txid, self.proxy.cookie_max_age))
             headers[self.proxy.txid_header] = f"{txid:016x}"
-            required = self.sync_replicas(request)
             if required > 0:
                 timeout = self.cfg.sync.timeout.total_seconds()
                 if await self.state.wait_replicated(db, txid, required, timeout):

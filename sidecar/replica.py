@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 import aiohttp
+import sqlean
 
 import ltx
 from sidecar import frames
@@ -46,6 +47,7 @@ from sidecar.fileutil import atomic_write, fsync_dir
 from sidecar.frames import DatabasePosition, FrameError, ResyncReason
 from sidecar.log import LTXLog
 from sidecar.primary import node_id_number
+from sidecar.sqlconn import close_quietly
 
 log = logging.getLogger("ltx_sidecar.replica")
 
@@ -558,34 +560,63 @@ class ReplicaRole:
     def _quarantine(self, db: _Db, replica: ReplicaDatabase, asked: frames.Resync) -> None:
         """Keep the transactions this node wrote as primary that the new primary lacks.
 
-        They are not merged: the resync replaces them. The LTX files this node wrote
-        itself (their header names it) past the primary's TXID (or, when the histories
-        diverged, all of them) are copied to <data-dir>/quarantine/<db>/, with a log line.
+        They are not merged: the resync replaces them. Copied to
+        <data-dir>/quarantine/<db>/<time>-epoch<N>/, with a log line:
+
+        * the LTX files this node wrote itself (their header names it) past the point
+          where the histories part: the primary's TXID when this node's log holds exactly
+          the primary's position there (AHEAD), else all of them (DIVERGED);
+        * when the database holds more than its log (the app committed while the sidecar
+          was down or stepping down), a snapshot of the database as it is, named for the
+          TXID after the log's (``0000000000000001-<txid+1>.ltx``): those transactions are
+          in no LTX file, and this is the last moment they exist.
         """
         me = node_id_number(self.cfg.node_id)
-        keep: list[tuple[int, int, Path]] = []
+        files: list[tuple[int, int, Path, ltx.Header]] = []
+        agree = False
         for mn, mx, path in replica.log:
-            if asked.reason == ResyncReason.AHEAD and mx <= asked.txid:
-                continue
             with contextlib.suppress(OSError, ltx.LTXError), open(path, "rb") as f:
-                if ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE)).node_id == me:
-                    keep.append((mn, mx, path))
-        if not keep:
+                header = ltx.Header.from_bytes(f.read(ltx.HEADER_SIZE))
+                if mx == asked.txid:
+                    f.seek(-ltx.TRAILER_SIZE, os.SEEK_END)
+                    post = ltx.Trailer.from_bytes(f.read(ltx.TRAILER_SIZE)).post_apply_checksum
+                    agree = post == asked.checksum
+                files.append((mn, mx, path, header))
+        ours = [(mn, mx, p) for mn, mx, p, h in files if h.node_id == me]
+        if asked.reason == ResyncReason.AHEAD and agree:
+            ours = [(mn, mx, p) for mn, mx, p in ours if mx > asked.txid]
+        unlogged = replica.problem is not None and bool(
+            ours or any(h.node_id == me for *_, h in files)
+        )
+        if not ours and not unlogged:
             return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         folder = self.cfg.data_dir / "quarantine" / db.name / f"{stamp}-epoch{self._epoch}"
         folder.mkdir(parents=True, exist_ok=True)
-        for _, _, path in keep:
+        for _, _, path in ours:
             shutil.copy2(path, folder / path.name)
-        log.warning(
-            "%s: quarantined TXIDs %d-%d that the primary (at TXID %d) never received: %s",
-            db.name,
-            keep[0][0],
-            keep[-1][1],
-            asked.txid,
-            folder,
-        )
-        self.state.count("quarantined_files", len(keep))
+        if ours:
+            log.warning(
+                "%s: quarantined TXIDs %d-%d that the primary (at TXID %d) never received: %s",
+                db.name,
+                ours[0][0],
+                ours[-1][1],
+                asked.txid,
+                folder,
+            )
+        if unlogged:
+            txid = replica.log.pos.txid + 1 if replica.log.pos else 1
+            out = folder / ltx.format_filename(1, txid)
+            count = snapshot_database(db.path, out, txid=txid, node_id=me)
+            log.warning(
+                "%s: the database held transactions after its log's last TXID (committed "
+                "while this node's sidecar was down or stepping down); its state before the "
+                "resync is quarantined as %s (%d pages)",
+                db.name,
+                out,
+                count,
+            )
+        self.state.count("quarantined_files", len(ours) + int(unlogged))
 
     async def _delete(self, db: _Db) -> None:
         log.info("%s: deleted on the primary; removing it here", db.name)
@@ -692,6 +723,38 @@ def remove_primary_files(cfg: Config) -> None:
     for directory in dirs:
         with contextlib.suppress(OSError):
             (directory / PRIMARY_FILE).unlink(missing_ok=True)
+
+
+def snapshot_database(path: Path, out: Path, *, txid: int, node_id: int) -> int:
+    """A snapshot LTX of a database as SQLite reads it now (through a read transaction on
+    a connection of its own); the number of pages."""
+    conn = sqlean.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        count = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        header = ltx.Header(
+            page_size=page_size,
+            commit=count,
+            min_txid=1,
+            max_txid=txid,
+            timestamp=int(time.time() * 1000),
+            node_id=node_id,
+        )
+        sums = ltx.PageChecksums(page_size)
+        lock = ltx.lock_pgno(page_size)
+        with open(out, "wb") as f:
+            encoder = ltx.Encoder(f, header)
+            for pgno, data in conn.execute("SELECT pgno, data FROM sqlite_dbpage ORDER BY pgno"):
+                if pgno == lock:
+                    continue
+                page = bytes(data)
+                encoder.write_page(pgno, page)
+                sums.set(pgno, ltx.page_checksum(pgno, page))
+            encoder.finish(sums.checksum())
+        return count
+    finally:
+        close_quietly(conn)
 
 
 def _groups(files: list[Incoming]) -> list[list[Incoming]]:

@@ -56,6 +56,9 @@ class Lease(Protocol):
 
     ttl: float  # seconds a term lasts without renewal
     renew_interval: float  # seconds between renewals
+    # The last successful acquire found the lease store had lost its data (Redis
+    # restarted empty): the previous holder may act as primary until its term runs out.
+    acquired_after_reset: bool
 
     async def acquire(self, me: NodeInfo) -> Term | None:
         """Take the lease if nobody holds it; None when another node does."""

@@ -59,11 +59,15 @@ redis.call('SET', KEYS[2], epoch)
 """
 
 # KEYS: lease, epoch counter. ARGV: value prefix, value suffix, ttl ms, known epoch.
+# Returns {epoch, reset}: reset is 1 when the counter was behind an epoch we had seen
+# (Redis lost its data), so the previous holder may still believe it holds the lease.
 _ACQUIRE = (
-    "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
+    "if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0} end\n"
     + _NEXT_EPOCH.replace("KNOWN", "4")
     + "redis.call('SET', KEYS[1], ARGV[1] .. epoch .. ARGV[2], 'PX', ARGV[3])\n"
-    + "return tonumber(epoch)\n"
+    + "local reset = 0\n"
+    + "if known > 0 and (not stored or tonumber(stored) < known) then reset = 1 end\n"
+    + "return {tonumber(epoch), reset}\n"
 )
 
 # KEYS: lease, epoch counter. ARGV: our value, new prefix, new suffix, ttl ms, known epoch.
@@ -227,6 +231,7 @@ class RedisLease:
         self._publish_primary = self._redis.register_script(_PUBLISH_PRIMARY)
         self._forget_gone = self._redis.register_script(_FORGET_GONE)
         self.highest_epoch = 0  # the highest epoch this object has seen anywhere
+        self.acquired_after_reset = False  # the last acquire found Redis had lost its data
         self._held: Term | None = None  # the term this object last acquired or renewed
 
     # -- keys
@@ -254,16 +259,18 @@ class RedisLease:
     async def acquire(self, me: NodeInfo) -> Term | None:
         prefix, suffix = _value_parts(me)
         start = time.monotonic()
-        epoch = await self._call(
+        answer = await self._call(
             "acquire",
             lambda: self._acquire(
                 keys=[self.key, self.epoch_key],
                 args=[prefix, suffix, self._ttl_ms, self.highest_epoch],
             ),
         )
+        epoch, reset = (int(v) for v in answer)
+        self.acquired_after_reset = bool(reset)
         if not epoch:
             return None
-        return self._now_held(Term(me, int(epoch), start + self.ttl - self._margin))
+        return self._now_held(Term(me, epoch, start + self.ttl - self._margin))
 
     async def renew(self, term: Term) -> Term | None:
         value = encode_value(term.holder, term.epoch)

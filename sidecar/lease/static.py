@@ -36,6 +36,7 @@ class StaticLease:
     def __init__(self, me: NodeInfo, primary_url: str, *, ttl: float, renew_interval: float):
         self.ttl = ttl
         self.renew_interval = renew_interval
+        self.acquired_after_reset = False  # a static lease has no store to lose
         self._me = me
         if primary_url:
             api_url = primary_url.rstrip("/")
