@@ -92,7 +92,6 @@ class Node:
             db_path=self.db_path,
         )
         app = make_api_app(self.cfg, self.state, self.token, actions=actions)
-        app._client_max_size = 1 << 40  # imports stream to a file; no in-memory limit
         app.add_routes(self.stream_server.routes())
         app.add_routes(
             [
