@@ -15,7 +15,6 @@ Memory is each sidecar's peak RSS (VmHWM from /proc) at the end of the run.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import select
@@ -29,6 +28,7 @@ from pathlib import Path
 from bench.registry import Context, Result, Target, benchmark
 from bench.tailer_overhead import (
     BenchError,
+    WriterRun,
     _inotify_watch,
     make_database,
     percentile,
@@ -166,7 +166,27 @@ class LagRun:
     rss_mb: float  # the largest sidecar peak RSS
 
 
-def lag_run(root: Path, replicas: int, seconds: float, rate: float) -> LagRun:
+@dataclass(slots=True)
+class _Observed:
+    """One writer run seen from every replica."""
+
+    base: int  # the primary's TXID before the writer's first commit
+    writer: WriterRun
+    names: list[str]
+    watchers: list[PosWatcher]
+    rss_mb: float
+
+    def lags_ms(self, watcher: PosWatcher) -> list[float]:
+        """Commit-to-visible per commit, in commit order; inf when never seen."""
+        out = []
+        for i, t_commit in enumerate(self.writer.times_ns):
+            seen = watcher.seen.time_of(self.base + i + 1)
+            out.append(float("inf") if seen is None else (seen - t_commit) / 1e6)
+        return out
+
+
+def _observe(root: Path, replicas: int, seconds: float, rate: float) -> _Observed:
+    """Run the writer on a fresh cluster and record when each replica saw each TXID."""
     with cluster(root, replicas) as (primary, followers):
         base = primary.txid()
         watchers = [PosWatcher(r.db_dir) for r in followers]
@@ -181,17 +201,20 @@ def lag_run(root: Path, replicas: int, seconds: float, rate: float) -> LagRun:
         finally:
             for x in watchers:
                 x.stop()
-        times: array.array[int] = w.times_ns
-        lags: list[float] = []
-        drain = 0.0
-        for watcher in watchers:
-            for i, t_commit in enumerate(times):
-                seen = watcher.seen.time_of(base + i + 1)
-                lags.append(float("inf") if seen is None else (seen - t_commit) / 1e6)
-            end = watcher.seen.time_of(last)
-            drain = max(drain, float("inf") if end is None else (end - times[-1]) / 1e6)
         rss = max(peak_rss_mb(n) for n in (primary, *followers))
-        return LagRun(sorted(lags), drain, w.commits, w.commits / w.seconds, rss)
+        return _Observed(base, w, [r.name for r in followers], watchers, rss)
+
+
+def lag_run(root: Path, replicas: int, seconds: float, rate: float) -> LagRun:
+    run = _observe(root, replicas, seconds, rate)
+    w, last = run.writer, run.base + run.writer.commits
+    lags: list[float] = []
+    drain = 0.0
+    for watcher in run.watchers:
+        lags += run.lags_ms(watcher)
+        end = watcher.seen.time_of(last)
+        drain = max(drain, float("inf") if end is None else (end - w.times_ns[-1]) / 1e6)
+    return LagRun(sorted(lags), drain, w.commits, w.commits / w.seconds, run.rss_mb)
 
 
 def _ms(x: float) -> float:
@@ -311,25 +334,10 @@ def lag_over_time(
 ) -> list[tuple[str, float, float]]:
     """(replica, seconds since the first commit, lag in ms) for every commit on every
     replica, for bench/plots.py; a commit never seen has lag inf."""
-    with cluster(root, replicas) as (primary, followers):
-        base = primary.txid()
-        watchers = [PosWatcher(r.db_dir) for r in followers]
-        try:
-            run_dir = root / "writer"
-            run_dir.mkdir(exist_ok=True)
-            w = run_writer(run_dir, primary.db(), seconds, rate)
-            last = base + w.commits
-            deadline = time.monotonic() + 30
-            while any(x.txid < last for x in watchers) and time.monotonic() < deadline:
-                time.sleep(0.005)
-        finally:
-            for x in watchers:
-                x.stop()
-    start = w.times_ns[0]
+    run = _observe(root, replicas, seconds, rate)
+    start = run.writer.times_ns[0]
     samples: list[tuple[str, float, float]] = []
-    for node, watcher in zip(followers, watchers, strict=True):
-        for i, t_commit in enumerate(w.times_ns):
-            seen = watcher.seen.time_of(base + i + 1)
-            lag = float("inf") if seen is None else (seen - t_commit) / 1e6
-            samples.append((node.name, (t_commit - start) / 1e9, lag))
+    for name, watcher in zip(run.names, run.watchers, strict=True):
+        for t_commit, lag in zip(run.writer.times_ns, run.lags_ms(watcher), strict=True):
+            samples.append((name, (t_commit - start) / 1e9, lag))
     return samples
