@@ -186,7 +186,10 @@ class StreamServer:
             return web.Response(status=400, text=f"protocol version {req.version} unsupported\n")
         resp = web.StreamResponse(headers={"Content-Type": frames.CONTENT_TYPE_FRAMES})
         resp.enable_chunked_encoding()
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except (ConnectionError, RuntimeError):  # gone before the first byte
+            return resp
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
@@ -304,11 +307,13 @@ class StreamServer:
                 "Content-Length": str(size),
             }
         )
-        await resp.prepare(request)
         try:
+            await resp.prepare(request)
             while chunk := spool.read(_READ_CHUNK):
                 await resp.write(chunk)
             await resp.write_eof()
+        except (ConnectionError, RuntimeError) as exc:  # the replica went away; it asks again
+            log.info("resync answer for %s abandoned: %s", begin.node_id, exc or type(exc).__name__)
         finally:
             spool.close()
         return resp
