@@ -171,14 +171,16 @@ class Kind(Generic[T]):
 
 
 class Str(Kind[str]):
+    empty_ok = False  # OptionalStr: "" means "not set"
+
     def __init__(self, pattern: str | None = None, what: str = "a non-empty string") -> None:
         self.pattern = re.compile(pattern) if pattern else None
         self.what = what
 
     def from_toml(self, value: object) -> str:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or (not value and not self.empty_ok):
             raise self.bad(value)
-        if self.pattern is not None and not self.pattern.fullmatch(value):
+        if value and self.pattern is not None and not self.pattern.fullmatch(value):
             raise self.bad(value)
         return value
 
@@ -346,22 +348,13 @@ class Choice(Kind[str]):
         return _toml_str(value)
 
 
-class OptionalStr(Kind[str]):
+class OptionalStr(Str):
     """A string that may be empty (empty means "not set"); a pattern applies otherwise."""
 
+    empty_ok = True
+
     def __init__(self, pattern: str | None = None, what: str = "a string") -> None:
-        self.pattern = re.compile(pattern) if pattern else None
-        self.what = what
-
-    def from_toml(self, value: object) -> str:
-        if not isinstance(value, str):
-            raise self.bad(value)
-        if value and self.pattern is not None and not self.pattern.fullmatch(value):
-            raise self.bad(value)
-        return value
-
-    def to_toml(self, value: str) -> str:
-        return _toml_str(value)
+        super().__init__(pattern, what)
 
 
 class StrList(Kind[tuple[str, ...]]):
@@ -664,7 +657,7 @@ class LeaseConfig:
         "static lease: the primary's API URL, set on replicas; empty on the primary itself",
     )
     redis_url: str = setting(
-        URL.__class__(r"rediss?://\S+", "a redis:// or rediss:// URL"),
+        OptionalStr(r"rediss?://\S+", "a redis:// or rediss:// URL"),
         "",
         "redis lease: the Redis server, e.g. redis://host:6379/0",
         secret=True,
