@@ -34,6 +34,7 @@ from sidecar.execute import handle_execute
 from sidecar.frames import DatabasePosition
 from sidecar.lease import Lease, LeaseError, Term, candidate_should_wait, open_lease
 from sidecar.pause import WritePause
+from sidecar.peers import fresh_positions
 from sidecar.primary import DatabaseWorker
 from sidecar.primary import Primary as PrimaryRole
 from sidecar.proxy import handle_wait_txid, start_proxy
@@ -81,6 +82,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self.lease: Lease | None = None
         self._last_lease_problem: str | None = None
+        self._deferring_since: float | None = None  # monotonic, while _should_wait says so
 
     # -- the API ---------------------------------------------------------------------------
 
@@ -328,19 +330,37 @@ class Node:
             self._last_lease_problem = message
 
     async def _should_wait(self, lease: Lease) -> bool:
-        """A candidate behind the primary's last position leaves the lease to a better one."""
+        """A candidate leaves the lease to a more current live one (sidecar.peers).
+
+        Deferring is bounded: a more current candidate that has not taken the lease within
+        a TTL (it cannot reach the store, say) stops holding the cluster up.
+        """
         try:
-            published, others = await lease.positions()
+            published, candidates = await lease.positions()
         except LeaseError:
             return False
-        others.pop(self.me.node_id, None)
-        mine = {v.name: (v.txid, v.checksum) for v in self.state}
+        candidates.pop(self.me.node_id, None)
+        fresh = await fresh_positions(candidates, timeout=min(1.0, lease.ttl / 4))
+        stale = {i: c.positions for i, c in candidates.items() if i not in fresh}
         if not published:  # unknown (Redis lost it): the best live candidate stands in
-            for positions in others.values():
+            for positions in [*stale.values(), *fresh.values()]:
                 for name, (txid, checksum) in positions.items():
                     if txid > published.get(name, (0, 0))[0]:
                         published[name] = (txid, checksum)
-        return candidate_should_wait(mine, published, others)
+        if not candidate_should_wait(self._positions(), published, stale, fresh):
+            self._deferring_since = None
+            return False
+        now = time.monotonic()
+        if self._deferring_since is None:
+            self._deferring_since = now
+            log.info("a more current candidate is alive: leaving the lease to it")
+        elif now - self._deferring_since > lease.ttl:
+            log.warning(
+                "the more current candidate has not taken the lease in %.1fs: taking it",
+                now - self._deferring_since,
+            )
+            return False
+        return True
 
     async def _primary_term(self, lease: Lease, term: Term, stop: asyncio.Event) -> None:
         """Act as primary while the term lasts: renew it, and stop before it can expire."""

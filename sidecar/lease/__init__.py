@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sidecar.config import Config
 
 __all__ = [
+    "Candidate",
     "Lease",
     "LeaseError",
     "Positions",
@@ -30,6 +31,14 @@ __all__ = [
 
 # name -> (txid, post-apply checksum), the position of each database.
 Positions = Mapping[str, tuple[int, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A live candidate as the lease store knows it: where to ask it, what it published."""
+
+    api_url: str
+    positions: Positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +93,8 @@ class Lease(Protocol):
         """Publish the primary's positions (primary=True) or a candidate's own."""
         ...
 
-    async def positions(
-        self,
-    ) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, tuple[int, int]]]]:
-        """(the primary's last published positions, {live candidate id: its positions})."""
+    async def positions(self) -> tuple[dict[str, tuple[int, int]], dict[str, Candidate]]:
+        """(the primary's last published positions, {live candidate id: its entry})."""
         ...
 
     def observe_epoch(self, epoch: int) -> None:
@@ -114,37 +121,41 @@ def default_renew_interval(ttl: float, configured: float) -> float:
 def candidate_should_wait(
     mine: Positions,
     published: Positions,
-    others: Mapping[str, Positions],
+    stale: Mapping[str, Positions],
+    fresh: Mapping[str, Positions] | None = None,
 ) -> bool:
     """Whether this candidate should leave the lease to a more current one.
 
-    The rule (only TXIDs are compared; a diverged checksum is the resync's business):
+    Only TXIDs are compared (a diverged checksum is the resync's business). Another
+    candidate is *more current* than us when its TXID is nowhere lower than ours and
+    somewhere higher (a database one lacks counts as TXID 0). We wait when:
 
-    * we are *behind* when, for some database the primary published, our TXID is
-      lower than the published one (a database we lack counts as TXID 0);
-    * another live candidate is *more current* than us when, over those same
-      databases, its TXID is nowhere lower than ours and somewhere higher.
+    * a candidate that answered just now (``fresh``) is more current over every database
+      either of us has: it holds all we hold and more, possibly a write a synchronous
+      primary acknowledged after its last publication;
+    * or, for candidates known only from what they published (``stale``: they did not
+      answer), when we are *behind* the primary's published positions and one of them is
+      more current over those databases.
 
-    We wait only when both hold. A candidate that is caught up never waits, and when no
-    candidate is strictly better (equal, or ahead on different databases) nobody waits,
-    so some candidate always takes the lease. ``others`` may contain our own entry: it
-    is never more current than ``mine`` unless it is stale in our favour, so it does not
-    change the answer in practice, but callers should leave it out.
+    When no candidate is strictly better (equal, or ahead on different databases) nobody
+    waits, so some candidate always takes the lease. Callers leave their own entry out.
     """
-    names = list(published)
-
-    def txid(positions: Positions, name: str) -> int:
-        return positions.get(name, (0, 0))[0]
-
-    behind = any(txid(mine, n) < txid(published, n) for n in names)
-    if not behind:
-        return False
-    for other in others.values():
-        never_lower = all(txid(other, n) >= txid(mine, n) for n in names)
-        somewhere_higher = any(txid(other, n) > txid(mine, n) for n in names)
-        if never_lower and somewhere_higher:
+    for other in (fresh or {}).values():
+        if _more_current(other, mine, set(other) | set(mine)):
             return True
-    return False
+    names = set(published)
+    if not any(_txid(mine, n) < _txid(published, n) for n in names):
+        return False
+    return any(_more_current(other, mine, names) for other in stale.values())
+
+
+def _txid(positions: Positions, name: str) -> int:
+    return positions.get(name, (0, 0))[0]
+
+
+def _more_current(other: Positions, mine: Positions, names: set[str]) -> bool:
+    never_lower = all(_txid(other, n) >= _txid(mine, n) for n in names)
+    return never_lower and any(_txid(other, n) > _txid(mine, n) for n in names)
 
 
 def open_lease(cfg: Config, me: NodeInfo) -> Lease:

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.cluster import NodeInfo
-from sidecar.lease import LeaseError, Positions, Term, safety_margin
+from sidecar.lease import Candidate, LeaseError, Positions, Term, safety_margin
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,28 @@ def encode_positions(positions: Positions, extra: dict[str, Any]) -> str:
 
 def decode_positions(raw: bytes | str) -> dict[str, tuple[int, int]]:
     """The positions of an encode_positions value; ValueError naming what is wrong."""
+    return _positions_of(_json_object(raw))
+
+
+def decode_candidate(raw: bytes | str) -> Candidate:
+    """A candidate's entry: its positions and the api_url it published beside them."""
+    data = _json_object(raw)
+    url = data.get("api_url")
+    return Candidate(url if isinstance(url, str) else "", _positions_of(data))
+
+
+def _json_object(raw: bytes | str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not JSON ({exc})") from None
-    dbs = data.get("positions") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError("no positions object")
+    return data
+
+
+def _positions_of(data: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    dbs = data.get("positions")
     if not isinstance(dbs, dict):
         raise ValueError("no positions object")
     out: dict[str, tuple[int, int]] = {}
@@ -373,9 +390,7 @@ class RedisLease:
         if not done:
             log.debug("not publishing primary positions: the lease is no longer ours")
 
-    async def positions(
-        self,
-    ) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, tuple[int, int]]]]:
+    async def positions(self) -> tuple[dict[str, tuple[int, int]], dict[str, Candidate]]:
         async def read() -> tuple[bytes | None, dict[str, bytes]]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.get(self.positions_key)
@@ -401,10 +416,10 @@ class RedisLease:
                     f"key {self.positions_key!r} in Redis {self.where} does not hold "
                     f"positions ({exc}): {_preview(raw)}"
                 ) from None
-        live: dict[str, dict[str, tuple[int, int]]] = {}
+        live: dict[str, Candidate] = {}
         for node_id, value in candidates.items():
             try:
-                live[node_id] = decode_positions(value)
+                live[node_id] = decode_candidate(value)
             except ValueError as exc:
                 log.warning(
                     "ignoring candidate %s: key %r does not hold positions (%s)",

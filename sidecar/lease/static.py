@@ -12,7 +12,7 @@ import math
 from urllib.parse import urlsplit
 
 from sidecar.cluster import NodeInfo
-from sidecar.lease import LeaseError, Positions, Term
+from sidecar.lease import Candidate, LeaseError, Positions, Term
 
 STATIC_EPOCH = 1
 
@@ -44,7 +44,7 @@ class StaticLease:
         else:
             self._primary = me
         self._published: dict[str, tuple[int, int]] = {}
-        self._candidates: dict[str, dict[str, tuple[int, int]]] = {}
+        self._candidates: dict[str, Candidate] = {}
 
     @property
     def is_primary(self) -> bool:
@@ -80,13 +80,10 @@ class StaticLease:
         if primary:
             self._published = dict(positions)
         else:
-            self._candidates[me.node_id] = dict(positions)
+            self._candidates[me.node_id] = Candidate(me.api_url, dict(positions))
 
-    async def positions(
-        self,
-    ) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, tuple[int, int]]]]:
-        candidates = {node: dict(p) for node, p in self._candidates.items()}
-        return dict(self._published), candidates
+    async def positions(self) -> tuple[dict[str, tuple[int, int]], dict[str, Candidate]]:
+        return dict(self._published), dict(self._candidates)
 
     def observe_epoch(self, epoch: int) -> None:
         """The static epoch never changes."""

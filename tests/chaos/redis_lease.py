@@ -403,18 +403,10 @@ def by_kind(kind: str) -> RedisNemesis:
 # Reported to the lead, not fixed yet: nemesis kind -> (the invariants the bug breaks, the
 # bug). A round whose only problems are in those invariants is reported as an expected
 # failure (xfail) naming the bug; any other problem fails. Remove an entry once fixed.
-# Reported bugs a round may still hit: kind -> (invariants it breaks, the bug). Three
-# found earlier are fixed (unlogged transactions quarantined, a hold-off after Redis loses
-# its data, AHEAD checked against the checksum); this one is open:
-KNOWN_BROKEN: dict[str, tuple[frozenset[str], str]] = {
-    "kill-primary-redis": (
-        frozenset({"sync acks kept"}),
-        "after kill -9 of the primary, the candidate that takes the lease may be the replica "
-        "that had NOT applied a write another replica acknowledged (Ltx-Sync: ok with "
-        "sync.replicas = 1): candidates publish their positions only every renew interval, "
-        "so the stale-candidate rule can miss the more current one (seen about 1 run in 4)",
-    ),
-}
+# Four found earlier are fixed (unlogged transactions quarantined, a hold-off after Redis
+# loses its data, AHEAD checked against the checksum, the candidate lacking a synchronously
+# acknowledged write taking the lease: candidates now ask each other before acting).
+KNOWN_BROKEN: dict[str, tuple[frozenset[str], str]] = {}
 
 
 def known_bug(kind: str, problems: list[str]) -> str | None:

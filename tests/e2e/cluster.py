@@ -44,6 +44,7 @@ class TestNode:
     redis_url: str = ""  # set: the Redis lease instead of the static one
     lease_key: str = "ltx-sidecar/test"
     ttl: str = "1s"
+    renew_interval: str = ""  # empty: TTL/3
     candidate: bool = True
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -79,6 +80,8 @@ class TestNode:
                 f'type = "redis"\nredis-url = "{self.redis_url}"\n'
                 f'key = "{self.lease_key}"\nttl = "{self.ttl}"\n'
             )
+            if self.renew_interval:
+                lease += f'renew-interval = "{self.renew_interval}"\n'
         else:
             lease = 'type = "static"\n'
             lease += f'primary-url = "{self.primary_url}"\n' if self.primary_url else ""

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from sidecar.cluster import NodeInfo
-from sidecar.lease import LeaseError, Term, safety_margin
+from sidecar.lease import Candidate, LeaseError, Term, safety_margin
 from sidecar.lease.redis import (
     RedisLease,
     decode_positions,
@@ -327,12 +327,15 @@ async def test_candidate_positions_vanish_when_the_candidate_stops(make: MakeLea
     await b.publish(B, {"app.db": (4, 2)}, primary=False)
     published, candidates = await b.positions()
     assert published == {}
-    assert candidates == {"node-a": {"app.db": (3, 1)}, "node-b": {"app.db": (4, 2)}}
+    assert candidates == {
+        "node-a": Candidate(A.api_url, {"app.db": (3, 1)}),
+        "node-b": Candidate(B.api_url, {"app.db": (4, 2)}),
+    }
     deadline = time.monotonic() + WAIT
     while "node-a" in (await b.positions())[1]:  # 3 TTLs without a refresh
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
-    assert (await b.positions())[1] == {"node-b": {"app.db": (4, 2)}}
+    assert (await b.positions())[1] == {"node-b": Candidate(B.api_url, {"app.db": (4, 2)})}
 
 
 async def test_garbage_candidate_positions_are_skipped(
@@ -348,7 +351,7 @@ async def test_garbage_candidate_positions_are_skipped(
         await lease.positions()
     with redis_server.client() as client:
         client.delete(f"{key}:positions")
-    assert await lease.positions() == ({}, {"node-b": {"app.db": (4, 2)}})
+    assert await lease.positions() == ({}, {"node-b": Candidate(B.api_url, {"app.db": (4, 2)})})
 
 
 # -- Redis down, restarted, cut off ----------------------------------------------------------

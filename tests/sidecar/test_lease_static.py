@@ -9,6 +9,7 @@ import pytest
 from sidecar.cluster import NodeInfo
 from sidecar.config import Config, load_config
 from sidecar.lease import (
+    Candidate,
     LeaseError,
     Term,
     candidate_should_wait,
@@ -62,7 +63,10 @@ async def test_static_lease_keeps_published_positions_in_memory() -> None:
     lease = open_lease(config(type="static"), ME)
     await lease.publish(ME, {"app.db": (5, 0xAB)}, primary=True)
     await lease.publish(NodeInfo("node-b", "http://b"), {"app.db": (4, 1)}, primary=False)
-    assert await lease.positions() == ({"app.db": (5, 0xAB)}, {"node-b": {"app.db": (4, 1)}})
+    assert await lease.positions() == (
+        {"app.db": (5, 0xAB)},
+        {"node-b": Candidate("http://b", {"app.db": (4, 1)})},
+    )
 
 
 def test_node_id_from_url_is_host_and_port() -> None:
@@ -141,6 +145,19 @@ def test_a_missing_database_counts_as_txid_zero() -> None:
     mine = {"a.db": (10, 1)}
     assert candidate_should_wait(mine, published, {"other": {"a.db": (10, 1), "new.db": (1, 1)}})
     assert not candidate_should_wait(mine, {}, {"other": {"a.db": (99, 1)}})
+
+
+def test_a_candidate_that_answered_is_judged_on_what_it_has_now() -> None:
+    """Not behind the (stale) published positions, yet another candidate has more: the
+    write a synchronous primary acknowledged after it last published."""
+    published = {"a.db": (10, 1)}
+    mine = {"a.db": (10, 1)}
+    assert not candidate_should_wait(mine, published, {"other": {"a.db": (11, 1)}})
+    assert candidate_should_wait(mine, published, {}, {"other": {"a.db": (11, 1)}})
+    assert candidate_should_wait(mine, published, {}, {"other": {**mine, "new.db": (1, 1)}})
+    assert not candidate_should_wait(mine, published, {}, {"other": {"a.db": (10, 1)}})
+    ahead_elsewhere = {"a.db": (9, 1), "new.db": (1, 1)}
+    assert not candidate_should_wait(mine, published, {}, {"other": ahead_elsewhere})
 
 
 def test_our_own_entry_among_the_others_changes_nothing() -> None:
