@@ -548,7 +548,8 @@ class DatabasesConfig:
     watch_debounce: timedelta = setting(
         Duration(positive=False),
         "1ms",
-        "how long file events are gathered before the WAL is read (watchfiles' default adds >1s)",
+        "without inotify (not Linux): how long watchfiles gathers file events before the "
+        "WAL is read (its default adds >1s)",
     )
     poll_interval: timedelta = setting(
         Duration(positive=True), "250ms", "a safety-net poll for missed file events"

@@ -1,11 +1,12 @@
 """The primary role's runtime: a worker per database, woken by file events.
 
 Each database gets one DatabaseWorker that runs its DatabaseTailer in a worker thread,
-one call at a time. watchfiles reports writes to the -wal and database files within a
-millisecond or two (its debounce is configured down from 1.6 s); a slow poll catches
-anything the events miss. New databases in watched directories get a worker when they
-appear; a worker whose database is not ready (missing, locked in rollback mode,
-read-only) logs why once and keeps retrying.
+one call at a time. File events wake it when the -wal or database file changes: on Linux
+inotify, read only while a worker waits (sidecar.dirwatch: reading every event slowed a
+busy writer by a third); elsewhere watchfiles (its debounce configured down from 1.6 s).
+A slow poll catches anything the events miss. New databases in watched directories get a
+worker when they appear; a worker whose database is not ready (missing, locked in
+rollback mode, read-only) logs why once and keeps retrying.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import watchfiles
 import xxhash
 
 import ltx
+from sidecar import dirwatch
 from sidecar.config import Config, DatabaseNameError, looks_like_sqlite
 from sidecar.fileutil import atomic_write
 from sidecar.log import LTXLog
@@ -38,6 +40,7 @@ _SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
 _STATE_INTERVAL = 1.0  # seconds between state.json writes
 _RETENTION_INTERVAL = 10.0
 _BUSY_LOOP = 1.0  # seconds a worker thread may keep syncing before it yields
+_DISCOVER_INTERVAL = 1.0  # seconds between looks at watched directories (with inotify)
 
 
 def node_id_number(node_id: str) -> int:
@@ -94,6 +97,10 @@ class DatabaseWorker:
         self._wanted = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notified_txid = -1
+        # Entered while the worker waits: file events are read only then (dirwatch).
+        self.listening: Callable[[], contextlib.AbstractContextManager[None]] = (
+            contextlib.nullcontext
+        )
 
     @property
     def pos(self) -> ltx.Pos | None:
@@ -142,7 +149,10 @@ class DatabaseWorker:
                     continue
                 woken = asyncio.ensure_future(self.wake.wait())
                 # A stop (a handoff, a shutdown) must not wait for the poll interval.
-                await asyncio.wait({woken, stopping}, timeout=poll, return_when="FIRST_COMPLETED")
+                with self.listening():
+                    await asyncio.wait(
+                        {woken, stopping}, timeout=poll, return_when="FIRST_COMPLETED"
+                    )
                 woken.cancel()
         finally:
             stopping.cancel()
@@ -228,6 +238,11 @@ class Primary:
         self.by_name: dict[str, DatabaseWorker] = {}
         self._changed = asyncio.Event()  # one per generation: set, then replaced
         self._tasks: list[asyncio.Task[None]] = []
+        self._routes: dict[Path, DatabaseWorker] = {}  # event path -> worker, found once
+        self._db_dirs = {d.resolve() for d in cfg.databases.dirs}  # every database in them
+        self._listening: Callable[[], contextlib.AbstractContextManager[None]] = (
+            contextlib.nullcontext
+        )
 
     def _watched_dirs(self) -> set[Path]:
         dirs = {p.resolve().parent for p in self.cfg.databases.paths}
@@ -247,6 +262,7 @@ class Primary:
             log.warning("%s: not replicated: another database is already named %r", path, name)
             return None
         worker = DatabaseWorker(name, path, self.cfg, self._worker_changed)
+        worker.listening = self._listening
         self.workers[path] = worker
         self.by_name[name] = worker
         self._tasks.append(asyncio.create_task(worker.run(stop), name=f"db:{name}"))
@@ -303,26 +319,57 @@ class Primary:
             if not directory.is_dir():
                 continue
             for path in sorted(directory.iterdir()):
+                if database_of(path) != path:
+                    continue  # a -wal, -shm or -journal file: its database is listed too
                 if path.resolve() not in self.workers and looks_like_sqlite(path):
                     self._add(path, stop)
 
     async def run(self, stop: asyncio.Event) -> None:
         for directory in self._watched_dirs():
             directory.mkdir(parents=True, exist_ok=True)
-        self._discover(stop)
-        watcher = asyncio.create_task(self._watch(stop), name="watch")
         try:
-            await stop.wait()
+            if not dirwatch.available() or not await self._run_inotify(stop):
+                await self._run_watchfiles(stop)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _watch(self, stop: asyncio.Event) -> None:
+    async def _run_inotify(self, stop: asyncio.Event) -> bool:
+        """Workers read their events while they wait; new databases are looked for on
+        arrival events (no writes: those would wake this loop) and every second.
+        False when inotify cannot be set up (e.g. its per-user instance limit)."""
+
+        def deliver(paths: list[Path] | None) -> None:
+            self._route(paths, stop)
+
+        dirs = self._db_dirs
+        try:
+            changes = dirwatch.DirWatch(self._watched_dirs(), dirwatch.CHANGES, deliver)
+        except OSError as exc:
+            log.warning("cannot use inotify (%s): watching with watchfiles instead", exc)
+            return False
+        try:
+            arrivals = dirwatch.DirWatch(dirs, dirwatch.ARRIVALS, deliver)
+        except OSError as exc:
+            changes.close()
+            log.warning("cannot use inotify (%s): watching with watchfiles instead", exc)
+            return False
+        self._listening = changes.listening
+        try:
+            self._discover(stop)
+            with arrivals.listening():
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), _DISCOVER_INTERVAL)
+                    if dirs:
+                        self._discover(stop)
+        finally:
+            changes.close()
+            arrivals.close()
+        return True
+
+    async def _run_watchfiles(self, stop: asyncio.Event) -> None:
+        self._discover(stop)
         debounce_ms = max(1, int(self.cfg.databases.watch_debounce.total_seconds() * 1000))
-        watched_dirs = {d.resolve() for d in self.cfg.databases.dirs}
-        routes: dict[str, DatabaseWorker] = {}  # event path -> worker, resolved once
         async for changes in watchfiles.awatch(
             *self._watched_dirs(),
             watch_filter=None,
@@ -331,17 +378,26 @@ class Primary:
             stop_event=stop,
             recursive=False,
         ):
-            for _change, raw in changes:
-                worker = routes.get(raw)
-                if worker is None:
-                    db = database_of(Path(raw)).resolve()
-                    worker = self.workers.get(db)
-                    if worker is None and db.parent in watched_dirs and looks_like_sqlite(db):
-                        worker = self._add(db, stop)
-                    if worker is not None:
-                        routes[raw] = worker
+            self._route([Path(raw) for _change, raw in changes], stop)
+
+    def _route(self, paths: list[Path] | None, stop: asyncio.Event) -> None:
+        """Wake the workers of the databases these files belong to (None: every worker);
+        a new database in a watched directory gets one."""
+        if paths is None:
+            for each in self.workers.values():
+                each.wake.set()
+            return
+        for path in paths:
+            worker = self._routes.get(path)
+            if worker is None:
+                db = database_of(path).resolve()
+                worker = self.workers.get(db)
+                if worker is None and db.parent in self._db_dirs and looks_like_sqlite(db):
+                    worker = self._add(db, stop)
                 if worker is not None:
-                    worker.wake.set()
+                    self._routes[path] = worker
+            if worker is not None:
+                worker.wake.set()
 
     def states(self) -> list[dict[str, Any]]:
         return [w.tailer.state.as_dict() for w in self.workers.values()]
