@@ -88,8 +88,8 @@ never a mix (DESIGN.md choice 3). The rules, enforced below:
   one sqlean connection (DESIGN.md choice 3: closing any other descriptor on them would
   drop SQLite's POSIX locks). ``<db>-pos`` holds exactly 34 bytes,
   ``"%016x/%016x\\n"`` (TXID/post-apply checksum), replaced atomically (temporary file
-  and rename) after every apply and rewritten at open; it is a view of the log, so it
-  is not fsynced.
+  and a swap of names, see fileutil.replace_unsynced) after every apply and rewritten
+  at open; it is a view of the log, so it is not fsynced.
 
 Blocking I/O: the daemon runs a replica's methods in a worker thread; calls are
 serialized by a lock.
@@ -123,7 +123,7 @@ from ltx import (
     lock_pgno,
     page_checksum,
 )
-from sidecar.fileutil import atomic_write
+from sidecar.fileutil import atomic_write, replace_unsynced
 from sidecar.frames import (
     HASHES_PER_FRAME,
     LOCK_PAGE_HASH,
@@ -575,7 +575,7 @@ class ReplicaDatabase:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(format_pos(self.pos))
-                os.replace(tmp, self.pos_path)
+                replace_unsynced(tmp, self.pos_path)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
