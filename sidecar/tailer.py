@@ -438,7 +438,7 @@ class DatabaseTailer:
         changed: set[int] = set()
         for txn in after:
             changed.update(txn.pages)
-        images: dict[int, bytes] = {}
+        images: dict[int, wal.BytesLike] = {}
         for txn in upto:
             for pgno, data in txn.pages.items():
                 if pgno in changed:
@@ -732,7 +732,7 @@ class DatabaseTailer:
         With reload, the checksum array is advanced through the transactions; without,
         it already holds the state after them (start-up resume).
         """
-        pages: dict[int, bytes] = {}
+        pages: dict[int, wal.BytesLike] = {}
         previous_commit = txns[0].commit_size
         for txn in txns:
             pages.update(txn.pages)
@@ -761,7 +761,7 @@ class DatabaseTailer:
         )
         self._append(header, sorted(pages.items()), self._checksum())
 
-    def _advance(self, pages: dict[int, bytes], commit: int) -> None:
+    def _advance(self, pages: dict[int, wal.BytesLike], commit: int) -> None:
         """Move the checksums to the state after writing `pages` and sizing to commit."""
         missing = self._sums.growth_gap(pages, commit)
         if missing:
@@ -776,7 +776,9 @@ class DatabaseTailer:
                 pages[pgno] = self._raw_page(pgno)
         self._sums.update({pgno: page_checksum(pgno, data) for pgno, data in pages.items()}, commit)
 
-    def _append(self, header: Header, pages: Iterable[tuple[int, bytes]], post: int) -> None:
+    def _append(
+        self, header: Header, pages: Iterable[tuple[int, wal.BytesLike]], post: int
+    ) -> None:
         """Encode pages (streamed: a snapshot is never held in memory) into the log."""
 
         def write(f: BinaryIO) -> None:

@@ -87,13 +87,18 @@ def full_scan(wal: bytes) -> ScanResult:
     return scan(wal, 0, ScanState.from_header(parse_wal_header(wal)))
 
 
+def as_bytes(txn: WALTransaction) -> dict[int, bytes]:
+    """A transaction's pages as bytes (scan hands out views of the bytes it was given)."""
+    return {pgno: bytes(data) for pgno, data in txn.pages.items()}
+
+
 def latest_pages(
     transactions: tuple[WALTransaction, ...] | list[WALTransaction],
 ) -> dict[int, bytes]:
     """Page images after applying every transaction in order (and truncating)."""
     pages: dict[int, bytes] = {}
     for txn in transactions:
-        pages.update(txn.pages)
+        pages.update(as_bytes(txn))
         for pgno in [p for p in pages if p > txn.commit_size]:
             del pages[pgno]
     return pages
@@ -362,7 +367,7 @@ def test_applying_scanned_pages_over_the_pre_wal_database_reproduces_it(live_db:
     result = full_scan(live_db.wal_bytes())
     rebuilt = dict(live_db.base_pages)
     for txn in result.transactions:
-        rebuilt.update(txn.pages)
+        rebuilt.update(as_bytes(txn))
         rebuilt = {p: d for p, d in rebuilt.items() if p <= txn.commit_size}
     assert rebuilt == live_db.db_pages()
 
@@ -375,7 +380,7 @@ def test_page_written_twice_in_one_transaction_keeps_the_last_image(live_db: Liv
     )
     result = full_scan(live_db.wal_bytes())
     txn = result.transactions[-1]
-    (leaf,) = [p for p, image in txn.pages.items() if b"\x01\x02\x03\x04\x05" in image]
+    (leaf,) = [p for p, image in txn.pages.items() if b"\x01\x02\x03\x04\x05" in bytes(image)]
     assert txn.pages[leaf] == live_db.db_pages()[leaf]
 
 
@@ -536,7 +541,7 @@ def test_repeated_commit_frames_from_sector_padding_are_skipped(tmp_path: Path) 
         assert parse_wal_index_header(live.shm_header()).mx_frame == result.state.frame_count
         rebuilt = dict(live.base_pages)
         for txn in result.transactions:
-            rebuilt.update(txn.pages)
+            rebuilt.update(as_bytes(txn))
         assert rebuilt == live.db_pages()
         # chunking does not change the outcome, even when each repeat is fed on its own
         scanner = WALScanner(wal)
