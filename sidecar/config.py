@@ -576,7 +576,9 @@ class CheckpointConfig:
         Int(1), 1000, "run a PASSIVE checkpoint once this many WAL frames are durable in LTX files"
     )
     truncate_frames: int = setting(
-        Int(1), 100_000, "run a TRUNCATE checkpoint once the WAL holds this many frames"
+        Int(1),
+        100_000,
+        "past this many WAL frames: TRUNCATE once writers pause, PASSIVE never put off meanwhile",
     )
     interval: timedelta = setting(
         Duration(positive=True), "1m", "run a PASSIVE checkpoint this often if anything was shipped"

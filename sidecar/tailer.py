@@ -32,11 +32,14 @@ behind its back. The rules, enforced below (see ../shared/docs/wal-tailing.md):
   and followed. If SQLite reports more frames in the WAL than were read under the seal
   (one the tailer could not verify, e.g. a corrupt frame), they were checkpointed unseen:
   the database is rescanned (below). Past `truncate_frames` frames in one WAL generation a
-  TRUNCATE checkpoint runs; it needs the write lock itself, so it runs just after the seal
-  is released, and if a commit slipped into that gap (PRAGMA data_version on the pin
-  changed) the database is rescanned. TRUNCATE reports (0, 0, 0) when it succeeds, so its
-  frame counts cannot tell. After a checkpoint, the next one waits for `passive_frames`
-  new frames (or the interval).
+  TRUNCATE checkpoint runs once a sync finds no new commit; it needs the write lock
+  itself, so it runs just after the seal is released, and if a commit slipped into that
+  gap (PRAGMA data_version on the pin changed) and the TRUNCATE completed, the database
+  is rescanned (a busy one left the WAL as it was: the slipped commit is read at once).
+  TRUNCATE reports (0, 0, 0) when it succeeds, so its frame counts cannot tell. While
+  writers keep committing, the cap makes PASSIVE checkpoints compulsory instead (never
+  put off), which rewind the WAL just as well. After a checkpoint, the next one waits for
+  `passive_frames` new frames (or the interval).
 * Positions. Each LTX file's pre/post-apply checksums come from a per-page checksum array
   kept incrementally, never by re-reading the database per transaction.
 * What the log cannot explain (a WAL reset we did not expect, a WAL rewritten or
@@ -656,7 +659,7 @@ class DatabaseTailer:
             self._sync_state()
             return 0
         shipped = self._sync_wal()
-        self._maybe_checkpoint()
+        self._maybe_checkpoint(idle=shipped == 0)
         since = self.log.unsynced_since
         if since is not None and time.monotonic() - since >= _SYNC_INTERVAL:
             self.log.sync()
@@ -948,26 +951,44 @@ class DatabaseTailer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _maybe_checkpoint(self) -> None:
-        new = self._wal_frames - self._checkpointed_frames  # since our last checkpoint
-        if new <= 0:
-            return
-        if self._wal_frames >= self.options.truncate_frames:
-            self.checkpoint("TRUNCATE")
-        elif new >= self.options.passive_frames or (
-            time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval
-        ):
-            self.checkpoint("PASSIVE")
+    def _maybe_checkpoint(self, *, idle: bool) -> None:
+        """The checkpoint policy, after a sync; ``idle``: that sync found no new commit.
 
-    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int] | None:
+        Past the cap, TRUNCATE waits for a quiet moment: it needs the write lock itself, so
+        it runs just after the seal, and a commit slipping into that gap costs a rescan.
+        Under a steady writer the cap instead makes the PASSIVE checkpoints compulsory
+        (no deferral): each backfills the whole WAL under the seal, so the next commit
+        rewinds it and the WAL stops growing (measured: a writer at its maximum rate had
+        deferred PASSIVE past the cap, and TRUNCATE then slipped and rescanned a 1 GB WAL
+        under the seal for 6.8 s, longer than the app's busy timeout).
+        """
+        new = self._wal_frames - self._checkpointed_frames  # since our last checkpoint
+        over_cap = self._wal_frames >= self.options.truncate_frames
+        if over_cap and idle and (new > 0 or self.state.last_checkpoint_mode != "TRUNCATE"):
+            self.checkpoint("TRUNCATE")  # also after a PASSIVE that left the WAL full size
+        elif new <= 0:
+            return
+        elif (
+            over_cap
+            or new >= self.options.passive_frames
+            or time.monotonic() - self._last_checkpoint >= self.options.checkpoint_interval
+        ):
+            self.checkpoint("PASSIVE", force=over_cap)
+
+    def checkpoint(
+        self, mode: str = "PASSIVE", *, force: bool = False
+    ) -> tuple[int, int, int] | None:
         """Run a sealed checkpoint; returns SQLite's (busy, log frames, checkpointed).
 
-        Returns None when the seal could not be taken in time (app writers busy); the
-        policy tries again on a later sync.
+        Returns None when the seal could not be taken in time (app writers busy), or when
+        busy writers put a PASSIVE one off (at most _MAX_DEFER seconds, never with
+        ``force``); the policy tries again on a later sync.
         """
         assert self._pin is not None
         now = time.monotonic()
-        forced = self._deferred_since is not None and now - self._deferred_since >= _MAX_DEFER
+        forced = force or (
+            self._deferred_since is not None and now - self._deferred_since >= _MAX_DEFER
+        )
         ready = self._backfill_shipped()
         if not ready and mode == "PASSIVE" and not forced:
             self._defer("writers commit faster than the tailer catches up")
@@ -1027,7 +1048,11 @@ class DatabaseTailer:
         self.state.last_checkpoint_mode = mode
         self._checkpointed_frames = sealed_frames
         self._expect_reset = True  # the log holds the pinned state, unless rescanned below
-        if wal_frames > sealed_frames:
+        if slipped and result[0] != 0 and self._wal_unchanged():
+            # Busy, and no writer rewound the WAL since: what slipped in follows the
+            # sealed end, and the fresh pin keeps it there. Read it now, no rescan.
+            self._sync_wal()
+        elif wal_frames > sealed_frames:
             # SQLite has committed frames the tailer could not read (e.g. a corrupt one),
             # and may have just checkpointed them.
             self._rescan(
@@ -1039,6 +1064,11 @@ class DatabaseTailer:
         log.debug("%s: %s checkpoint: %s", self.name, mode, result)
         self._sync_state()
         return result
+
+    def _wal_unchanged(self) -> bool:
+        """The WAL is still the generation the tailer follows."""
+        header = self._read_wal_header()
+        return header is not None and header.salts == self._wal_generation
 
     def _backfill_shipped(self) -> bool:
         """The bulk of a checkpoint, without the seal, so app writers are not held up.

@@ -674,7 +674,11 @@ def test_truncate_past_the_cap_empties_the_wal_and_tailing_continues_without_res
     for step in range(12):
         (a if step % 2 else b).sql(insert_blobs(25, 3000))
         before = tailer.state.last_checkpoint
-        tailer.sync()
+        tailer.sync()  # ships the commits: a writer is busy, TRUNCATE waits
+        if tailer.state.last_checkpoint != before:
+            assert tailer.state.last_checkpoint_mode == "PASSIVE"
+        before = tailer.state.last_checkpoint
+        tailer.sync()  # nothing new: the quiet moment TRUNCATE waits for
         if tailer.state.last_checkpoint != before:
             assert tailer.state.last_checkpoint_mode == "TRUNCATE"
             assert Path(f"{db}-wal").stat().st_size == 0
@@ -682,6 +686,42 @@ def test_truncate_past_the_cap_empties_the_wal_and_tailing_continues_without_res
         assert_tailer_matches_live(tailer, tmp_path)
     assert truncations >= 3
     assert tailer.state.rescans == 0 and tailer.state.snapshots == 1
+
+
+def test_a_commit_slipping_in_before_a_busy_truncate_is_read_from_the_wal_not_rescanned(
+    tmp_path: Path, db: Path, ltx_dir: Path, tailers: list[DatabaseTailer],
+    writers: list[SteppingWriter],
+) -> None:  # fmt: skip
+    # A busy TRUNCATE (a reader on an older snapshot) neither rewinds nor truncates the
+    # WAL: the slipped commit is still there. Rescanning for it held the seal while the
+    # whole WAL was read (6.8 s for a 1 GB WAL, past the app's busy timeout).
+    w, reader = stepping(writers, db, 0), stepping(writers, db, 1)
+    w.sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB); PRAGMA wal_checkpoint(TRUNCATE);")
+    tailer = open_tailer(
+        tailers, db, ltx_dir, TailerOptions(passive_frames=10**6, truncate_frames=30)
+    )
+    run_checkpoint = tailer._run_checkpoint
+    results: list[tuple[int, int, int]] = []
+
+    def slip_then_checkpoint(mode: str) -> tuple[int, int, int]:
+        if mode == "TRUNCATE":
+            w.sql("UPDATE shared SET v = 'slipped in';")
+        result = run_checkpoint(mode)
+        results.append(result)
+        return result
+
+    tailer._run_checkpoint = slip_then_checkpoint  # type: ignore[method-assign]
+    w.sql(insert_blobs(40, 3000))
+    reader.do("exec BEGIN")
+    reader.do("exec SELECT count(*) FROM shared")  # a snapshot in the WAL: no rewind
+    tailer.sync()
+    tailer.sync()  # a quiet sync: TRUNCATE runs, and stays busy
+    assert tailer.state.last_checkpoint_mode == "TRUNCATE" and results[-1][0] == 1
+    reader.do("exec COMMIT")
+    tailer.sync()
+    assert tailer.state.rescans == 0
+    assert query(db, "SELECT count(*) FROM shared WHERE v = 'slipped in'") == [(1,)]
+    assert_tailer_matches_live(tailer, tmp_path)
 
 
 def test_a_commit_slipping_in_before_a_truncate_checkpoint_is_not_lost(
@@ -705,6 +745,7 @@ def test_a_commit_slipping_in_before_a_truncate_checkpoint_is_not_lost(
     tailer._run_checkpoint = slip_then_checkpoint  # type: ignore[method-assign]
     w.sql(insert_blobs(40, 3000))
     tailer.sync()
+    tailer.sync()  # a quiet sync: TRUNCATE runs
     assert tailer.state.last_checkpoint_mode == "TRUNCATE"
     assert query(db, "SELECT count(*) FROM shared WHERE v = 'slipped in'") == [(1,)]
     w.sql("INSERT INTO t(v) VALUES('after');")  # on other pages than the slipped commit
