@@ -131,7 +131,8 @@ class StreamServer:
         header = Header.from_bytes(data[: ltx.HEADER_SIZE])
         trailer = Trailer.from_bytes(data[-ltx.TRAILER_SIZE :])
         wire = b"".join(frames.encode(f) for f in frames.ltx_fragments(epoch, name, [data]))
-        cached = _Encoded(wire, header.max_txid, trailer.post_apply_checksum)
+        pre = None if header.flags & FLAG_NO_CHECKSUM else header.pre_apply_checksum
+        cached = _Encoded(wire, header.max_txid, trailer.post_apply_checksum, pre)
         self._encoded[key] = cached
         if len(self._encoded) > _ENCODED_CACHE:
             self._encoded.popitem(last=False)
@@ -434,8 +435,8 @@ class _Stream:
         if files is None:
             await self._resync(name, pos, ResyncReason.TOO_OLD)
             return
-        first = _header_of(files[0])
-        if not first.flags & FLAG_NO_CHECKSUM and first.pre_apply_checksum != have.checksum:
+        pre = _pre_checksum(self.server.encoded_file(self.epoch, name, files[0]), files[0])
+        if pre is not None and pre != have.checksum:
             await self._resync(name, pos, ResyncReason.DIVERGED)
             return
         await self._send_files(name, files)
@@ -448,7 +449,7 @@ class _Stream:
             else:  # a large file: fragments read as they are sent
                 with open(path, "rb") as f:
                     await self._send_file(name, f)
-                encoded = _Encoded(b"", *_ends_of(path))
+                encoded = _Encoded(b"", *_ends_of(path), None)
             self.replicas[name] = _Replica(encoded.max_txid, encoded.post_checksum)
 
     async def _send_file(self, name: str, f: BinaryIO) -> None:
@@ -476,10 +477,20 @@ class _Encoded:
     data: bytes
     max_txid: int
     post_checksum: int
+    pre_checksum: int | None  # None: the file has FLAG_NO_CHECKSUM (or was not read)
 
 
 def _ends_of(path: Path) -> tuple[int, int]:
     return _header_of(path).max_txid, _trailer_of(path).post_apply_checksum
+
+
+def _pre_checksum(encoded: _Encoded | None, path: Path) -> int | None:
+    """A file's pre-apply checksum (None with FLAG_NO_CHECKSUM), from the encoded cache
+    when the file is small: the file is read once for every stream, not once per stream."""
+    if encoded is not None:
+        return encoded.pre_checksum
+    header = _header_of(path)
+    return None if header.flags & FLAG_NO_CHECKSUM else header.pre_apply_checksum
 
 
 def _header_of(path: Path) -> Header:
