@@ -85,13 +85,14 @@ from sidecar.sqlconn import close_quietly
 log = logging.getLogger("ltx_sidecar.tailer")
 
 WAL_HEADER_SIZE = 32
-_READ_CHUNK = 64 << 20
+_READ_CHUNK = 64 << 20  # WAL bytes read per scan; a longer transaction reads more
 _UNSEALED_ROUNDS = 5  # unsealed catch-up rounds before a checkpoint takes the write lock
 _SEALED_FRAMES = 64  # ... until at most this many frames are left for the sealed step
 _SEALED_FRAMES_MAX = 512  # more than this unshipped once sealed: release at once, defer
 _SYNC_INTERVAL = 1.0  # seconds an LTX file may wait for its fsync (see sidecar/log.py)
 _MAX_DEFER = 2.0  # seconds a checkpoint may be put off; then it seals anyway (bounded WAL)
-_PASSIVE_RETRIES = 5  # an unsealed PASSIVE answered busy (another checkpoint) is retried  # WAL bytes read per scan; a longer transaction reads more
+_PASSIVE_RETRIES = 5  # an unsealed PASSIVE answered busy (another checkpoint) is retried
+_SEAL_RETRY = 0.0001  # seconds between tries for the write lock (see _Seal)
 
 
 class TailerError(Exception):
@@ -1157,7 +1158,14 @@ class _SealBusy(Exception):
 
 
 class _Seal:
-    """BEGIN IMMEDIATE on the control connection: app commits wait until we are done."""
+    """BEGIN IMMEDIATE on the control connection: app commits wait until we are done.
+
+    The lock is tried every _SEAL_RETRY seconds, not through SQLite's busy handler, whose
+    sleeps grow to 1, 2, 5, 10 ms: a writer committing in a loop frees the lock for a few
+    microseconds between commits, so each try has a fair chance, but each of those sleeps
+    let hundreds of frames in, too many for the sealed step (measured: most checkpoints
+    under a writer at its maximum rate were put off for that, and the WAL grew).
+    """
 
     def __init__(self, conn: sqlean.Connection, timeout: float, name: str) -> None:
         self._conn = conn
@@ -1170,15 +1178,21 @@ class _Seal:
             self._nested = True
             return self
         deadline = time.monotonic() + max(self._timeout, 0.001) * 20
-        while True:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                return self
-            except sqlean.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise _SealBusy(str(exc)) from exc
+        conn = self._conn
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return self
+                except sqlean.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise _SealBusy(str(exc)) from exc
+                time.sleep(_SEAL_RETRY)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={max(1, int(self._timeout * 1000))}")
 
     def __exit__(self, *exc: object) -> None:
         if not self._nested and self._conn.in_transaction:
