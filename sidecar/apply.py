@@ -936,6 +936,9 @@ class ReplicaDatabase:
 
         if restart:
             self.log.restart_with(write)
+        elif source.seek(0, os.SEEK_END) - p.start <= _COPY_CHUNK:  # most files: one read
+            source.seek(p.start)
+            self.log.append(source.read())
         else:
             self.log.append(write)
 

@@ -318,7 +318,9 @@ class LTXLog:
                 field="page_size",
             )
 
-    def append(self, data: bytes | Callable[[BinaryIO], object], *, verify: bool = False) -> Path:
+    def append(
+        self, data: bytes | memoryview | Callable[[BinaryIO], object], *, verify: bool = False
+    ) -> Path:
         """Add one LTX file durably and atomically; return its path.
 
         ``data`` is the file's bytes or a function that writes them to a binary
@@ -335,9 +337,13 @@ class LTXLog:
         with self._writer:
             if isinstance(data, bytes | bytearray | memoryview):
                 head, tail = bytes(data[: HEADER_SIZE + 16]), bytes(data[-TRAILER_SIZE:])
-                header, _ = _parse_ends(head, tail, len(data), None)
+                header, trailer = _parse_ends(head, tail, len(data), None)
                 self.check(header)  # before writing a byte
-            tmp, header, trailer = self._write_temp(data, verify=verify)
+                tmp = self._write_bytes(data)
+                if verify:
+                    self._verify(tmp, trailer)
+            else:
+                tmp, header, trailer = self._write_temp(data, verify=verify)
             durable = self._durable or header.is_snapshot
             try:
                 if durable:
@@ -393,6 +399,40 @@ class LTXLog:
                 self._last = (header, trailer)
             return final
 
+    def _temp_name(self) -> str:
+        # One writer at a time (self._writer) and one process per log, so a fixed name
+        # will do; a random one (mkstemp) costs more than writing a small file.
+        return str(self.directory / f"{TEMP_PREFIX}{os.getpid()}")
+
+    def _write_bytes(self, data: bytes | bytearray | memoryview) -> str:
+        """Write a whole file held in memory under the temporary name: a few system
+        calls, where a file object costs a dozen (most files are one small transaction)."""
+        tmp = self._temp_name()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data).cast("B")
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, self._mode)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    def _verify(self, tmp: str, trailer: Trailer) -> None:
+        try:
+            with open(tmp, "rb") as f:
+                if ltx.open_decoder(f, path=tmp).verify() != trailer:
+                    raise LogError("trailer changed while verifying", path=tmp)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
     def _write_temp(
         self,
         data: bytes | Callable[[BinaryIO], object],
@@ -402,11 +442,9 @@ class LTXLog:
     ) -> tuple[str, Header, Trailer]:
         """Write a file under the writer's temporary name; its header and trailer.
 
-        One writer at a time (self._writer) and one process per log, so a fixed name
-        will do; a random one (mkstemp) costs more than writing a small file. The file
-        is removed if anything fails; the caller renames it in (or removes it).
+        The file is removed if anything fails; the caller renames it in (or removes it).
         """
-        tmp = str(self.directory / f"{TEMP_PREFIX}{os.getpid()}")
+        tmp = self._temp_name()
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "w+b") as f:

@@ -61,6 +61,7 @@ Blocking I/O: the daemon runs a tailer's methods in a worker thread, one call at
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import time
@@ -92,6 +93,7 @@ _SEALED_FRAMES_MAX = 512  # more than this unshipped once sealed: release at onc
 _SYNC_INTERVAL = 1.0  # seconds an LTX file may wait for its fsync (see sidecar/log.py)
 _MAX_DEFER = 2.0  # seconds a checkpoint may be put off; then it seals anyway (bounded WAL)
 _PASSIVE_RETRIES = 5  # an unsealed PASSIVE answered busy (another checkpoint) is retried
+_ENCODE_IN_MEMORY = 4 << 20  # bytes of pages up to which an LTX file is built in memory
 _SEAL_RETRY = 0.0001  # seconds between tries for the write lock (see _Seal)
 
 
@@ -783,7 +785,8 @@ class DatabaseTailer:
     def _append(
         self, header: Header, pages: Iterable[tuple[int, wal.BytesLike]], post: int
     ) -> None:
-        """Encode pages (streamed: a snapshot is never held in memory) into the log."""
+        """Encode pages into the log: a few pages in memory, written with a few system
+        calls; more (a snapshot) streamed, never held in memory."""
 
         def write(f: BinaryIO) -> None:
             encoder = Encoder(f, header)
@@ -791,10 +794,17 @@ class DatabaseTailer:
                 encoder.write_page(pgno, data)
             encoder.finish(post)
 
-        path = self.log.append(write)
+        if isinstance(pages, list) and len(pages) * header.page_size <= _ENCODE_IN_MEMORY:
+            buffer = io.BytesIO()
+            write(buffer)
+            path = self.log.append(buffer.getbuffer())
+            size = buffer.tell()
+        else:
+            path = self.log.append(write)
+            size = path.stat().st_size
         self._txid = header.max_txid
         self.state.ltx_files += 1
-        self.state.ltx_bytes += path.stat().st_size
+        self.state.ltx_bytes += size
         self.state.last_ltx = path.name
 
     # -- snapshots, rescans, deletions ------------------------------------------------------
