@@ -149,11 +149,13 @@ class DatabaseWorker:
                     continue
                 woken = asyncio.ensure_future(self.wake.wait())
                 # A stop (a handoff, a shutdown) must not wait for the poll interval.
-                with self.listening():
-                    await asyncio.wait(
-                        {woken, stopping}, timeout=poll, return_when="FIRST_COMPLETED"
-                    )
-                woken.cancel()
+                try:
+                    with self.listening():
+                        await asyncio.wait(
+                            {woken, stopping}, timeout=poll, return_when="FIRST_COMPLETED"
+                        )
+                finally:  # also when cancelled: a pending waiter left behind is an error
+                    woken.cancel()
         finally:
             stopping.cancel()
         await asyncio.to_thread(self._shutdown)

@@ -223,8 +223,13 @@ class ReplicaRole:
                     started = time.monotonic()
                     stream = asyncio.create_task(self._stream_once(session, primary_url))
                     stopping = asyncio.create_task(stop.wait())
-                    await asyncio.wait({stream, stopping}, return_when="FIRST_COMPLETED")
-                    stopping.cancel()
+                    try:
+                        await asyncio.wait({stream, stopping}, return_when="FIRST_COMPLETED")
+                    except asyncio.CancelledError:
+                        stream.cancel()
+                        raise
+                    finally:
+                        stopping.cancel()
                     if not stream.done():
                         stream.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
