@@ -573,7 +573,9 @@ class DatabasesConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     passive_frames: int = setting(
-        Int(1), 1000, "run a PASSIVE checkpoint once this many WAL frames are durable in LTX files"
+        Int(1),
+        1000,
+        "PASSIVE checkpoint after this many frames; keep it under the app's wal_autocheckpoint unless that is 0",
     )
     truncate_frames: int = setting(
         Int(1),
