@@ -340,10 +340,10 @@ class LTXLog:
                 header, trailer = _parse_ends(head, tail, len(data), None)
                 self.check(header)  # before writing a byte
                 tmp = self._write_bytes(data)
-                if verify:
-                    self._verify(tmp, trailer)
             else:
-                tmp, header, trailer = self._write_temp(data, verify=verify)
+                tmp, header, trailer = self._write_temp(data)
+            if verify:
+                self._verify(tmp, trailer)
             durable = self._durable or header.is_snapshot
             try:
                 if durable:
@@ -437,7 +437,6 @@ class LTXLog:
         self,
         data: bytes | Callable[[BinaryIO], object],
         *,
-        verify: bool = False,
         check: bool = True,
     ) -> tuple[str, Header, Trailer]:
         """Write a file under the writer's temporary name; its header and trailer.
@@ -454,10 +453,6 @@ class LTXLog:
                     data(f)
                 f.flush()
                 header, trailer = _read_ends(f, tmp)
-                if verify:
-                    f.seek(0)
-                    if ltx.open_decoder(f, path=tmp).verify() != trailer:
-                        raise LogError("trailer changed while verifying", path=tmp)
                 if check:
                     self.check(header)
                 os.fchmod(f.fileno(), self._mode)
