@@ -386,7 +386,6 @@ class ReplicaRole:
             return
         if frame.index == 0:
             self._drop_incoming(db)
-            self._incoming_dir.mkdir(parents=True, exist_ok=True)
             db.incoming = self._spool()
         if db.incoming is None:
             return

@@ -435,15 +435,20 @@ class _Stream:
         if files is None:
             await self._resync(name, pos, ResyncReason.TOO_OLD)
             return
-        pre = _pre_checksum(self.server.encoded_file(self.epoch, name, files[0]), files[0])
+        first = self.server.encoded_file(self.epoch, name, files[0])
+        pre = _pre_checksum(first, files[0])
         if pre is not None and pre != have.checksum:
             await self._resync(name, pos, ResyncReason.DIVERGED)
             return
-        await self._send_files(name, files)
+        await self._send_files(name, files, first)
 
-    async def _send_files(self, name: str, files: list[Path]) -> None:
-        for path in files:
-            encoded = self.server.encoded_file(self.epoch, name, path)
+    async def _send_files(
+        self, name: str, files: list[Path], first: _Encoded | None = None
+    ) -> None:
+        """Send files in order; ``first``: the first one's frames, already looked up."""
+        for i, path in enumerate(files):
+            known = first if i == 0 else None
+            encoded = known or self.server.encoded_file(self.epoch, name, path)
             if encoded is not None:
                 await self.resp.write(encoded.data)
             else:  # a large file: fragments read as they are sent
