@@ -131,8 +131,7 @@ class StreamServer:
         header = Header.from_bytes(data[: ltx.HEADER_SIZE])
         trailer = Trailer.from_bytes(data[-ltx.TRAILER_SIZE :])
         wire = b"".join(frames.encode(f) for f in frames.ltx_fragments(epoch, name, [data]))
-        pre = None if header.flags & FLAG_NO_CHECKSUM else header.pre_apply_checksum
-        cached = _Encoded(wire, header.max_txid, trailer.post_apply_checksum, pre)
+        cached = _Encoded(wire, header.max_txid, trailer.post_apply_checksum, _pre_of(header))
         self._encoded[key] = cached
         if len(self._encoded) > _ENCODED_CACHE:
             self._encoded.popitem(last=False)
@@ -492,9 +491,10 @@ def _ends_of(path: Path) -> tuple[int, int]:
 def _pre_checksum(encoded: _Encoded | None, path: Path) -> int | None:
     """A file's pre-apply checksum (None with FLAG_NO_CHECKSUM), from the encoded cache
     when the file is small: the file is read once for every stream, not once per stream."""
-    if encoded is not None:
-        return encoded.pre_checksum
-    header = _header_of(path)
+    return encoded.pre_checksum if encoded is not None else _pre_of(_header_of(path))
+
+
+def _pre_of(header: Header) -> int | None:
     return None if header.flags & FLAG_NO_CHECKSUM else header.pre_apply_checksum
 
 

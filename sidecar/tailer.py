@@ -246,7 +246,7 @@ class DatabaseTailer:
             self._raw = held_fd(self.path)
             st = os.fstat(self._raw)
             self._ino = (st.st_dev, st.st_ino)
-            timeout_ms = max(1, int(self.options.seal_timeout * 1000))
+            timeout_ms = _busy_timeout_ms(self.options.seal_timeout)
             self._pin = _connect(self.path, timeout_ms)
             self._spare = _connect(self.path, timeout_ms)
             self._ctl = _connect(self.path, timeout_ms)
@@ -920,7 +920,7 @@ class DatabaseTailer:
             self.open()
         if self._database_replaced():
             raise TailerError(f"{self.path}: the database file was deleted or replaced")
-        conn = _connect(self.path, max(1, int(self.options.seal_timeout * 1000)))
+        conn = _connect(self.path, _busy_timeout_ms(self.options.seal_timeout))
         try:
             try:
                 with self._seal():
@@ -1202,11 +1202,15 @@ class _Seal:
                         raise _SealBusy(str(exc)) from exc
                 time.sleep(_SEAL_RETRY)
         finally:
-            conn.execute(f"PRAGMA busy_timeout={max(1, int(self._timeout * 1000))}")
+            conn.execute(f"PRAGMA busy_timeout={_busy_timeout_ms(self._timeout)}")
 
     def __exit__(self, *exc: object) -> None:
         if not self._nested and self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
+
+
+def _busy_timeout_ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 def _connect(path: Path, busy_timeout_ms: int) -> sqlean.Connection:

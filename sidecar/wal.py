@@ -436,7 +436,7 @@ class WALTransaction(NamedTuple):
     truncated away).
 
     A NamedTuple, not a frozen dataclass: one is built per commit, and a frozen
-    dataclass's __init__ cost a quarter of a scan under single-row transactions.
+    dataclass's __init__ cost a fifth of a scan under single-row transactions.
     """
 
     first_offset: int  # WAL offset of the first frame
