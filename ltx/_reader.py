@@ -17,6 +17,12 @@ class Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
+class SeekableReadable(Readable, Protocol):
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
+
+
 class Reader:
     def __init__(self, f: Readable, path: str | None = None) -> None:
         self._f = f

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import lz4.block
 import lz4.frame
 
-from ltx._reader import Readable, Reader
+from ltx._reader import Readable, Reader, SeekableReadable
 from ltx.checksum import CHECKSUM_FLAG, crc64, lock_pgno, page_checksum
 from ltx.errors import (
     ChecksumError,
@@ -503,7 +503,7 @@ class _Lz4Body:
             self._r.unread(len(unused))
 
 
-def open_decoder(f: BinaryIO, *, path: str | None = None) -> Decoder:
+def open_decoder(f: SeekableReadable, *, path: str | None = None) -> Decoder:
     """A decoder for a seekable file, resolving the rare ambiguous generation.
 
     When the bytes fit more than one generation, each candidate is verified in

@@ -98,17 +98,17 @@ serialized by a lock.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import shutil
 import struct
-import tempfile
 import threading
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import sqlean
 
@@ -133,6 +133,7 @@ from sidecar.frames import (
     resync_request_frames,
 )
 from sidecar.log import LogError, LTXLog
+from sidecar.spool import Spool
 from sidecar.sqlconn import close_quietly
 
 log = logging.getLogger("ltx_sidecar.apply")
@@ -143,8 +144,10 @@ STAMPED_RANGES = ((24, 28), (92, 96), (96, 100))
 PAGE1_MAGIC = b"LTXPAGE1"
 _PAGE1_HEAD = struct.Struct(">8sQQ")  # magic, TXID, position checksum; then the page
 _INSERT_PAGE = "INSERT INTO sqlite_dbpage(pgno, data) VALUES(?, ?)"
-_SPOOL_MEMORY = 32 << 20  # decoded pages kept in memory up to this; a temp file beyond
+_KEEP_DECODED = 8 << 20  # decoded pages kept up to this many bytes; decoded again beyond
 _COPY_CHUNK = 1 << 20
+
+Source = BinaryIO | Spool  # an LTX file to apply: a Spool can be moved into the log
 
 
 class ApplyError(Exception):
@@ -299,18 +302,29 @@ class _Prepared:
     header: Header
     trailer: Trailer
     name: str
+    source: Source  # the file, from ``start``; read again for the write when large
     start: int
-    spool: IO[bytes]
     pgnos: list[int]  # as in the file: ascending
+    pages: list[bytes] | None  # the decoded pages, kept when they fit _KEEP_DECODED
     sums: dict[int, int] = field(default_factory=dict)
     page1: bytes | None = None
     gap: list[int] = field(default_factory=list)  # pages the file grows into but omits
     post: int = 0  # predicted logical checksum after the apply
 
-    def page(self, index: int) -> bytes:
-        size = self.header.page_size
-        self.spool.seek(index * size)
-        return self.spool.read(size)
+    def decoded(self) -> Iterator[tuple[int, bytes]]:
+        """The file's pages in order: kept, or decoded again (a large file: its pages
+        are not held or spooled, a second decode costs less than writing them out and
+        reading them back). A file that changed since it was checked fails the
+        decoder's file checksum, inside the apply's transaction: nothing is committed."""
+        if self.pages is not None:
+            yield from zip(self.pgnos, self.pages, strict=True)
+            return
+        self.source.seek(self.start)
+        decoded = ltx.open_decoder(self.source, path=self.name).pages()
+        for (pgno, data), want in zip(decoded, self.pgnos, strict=True):
+            if pgno != want:
+                raise ApplyError(f"the file changed while applying (page {pgno})", path=self.name)
+            yield pgno, data
 
 
 @dataclass(slots=True)
@@ -698,11 +712,8 @@ class ReplicaDatabase:
             try:
                 with open(files[-1], "rb") as f:
                     prepared = self._prepare(f, str(files[-1]))
-                    try:
-                        self._check(prepared, append=False)
-                        self._write(prepared, None)
-                    finally:
-                        prepared.spool.close()
+                    self._check(prepared, append=False)
+                    self._write(prepared, None)
                 return
             except (OSError, ApplyError) as exc:
                 reason = f"{reason}; applying the log's last file again failed: {exc}"
@@ -712,7 +723,7 @@ class ReplicaDatabase:
 
     # -- applying --------------------------------------------------------------------------
 
-    def apply(self, ltx_file: BinaryIO, *, path: str | None = None) -> Pos:
+    def apply(self, ltx_file: Source, *, path: str | None = None) -> Pos:
         """Apply one LTX file (seekable, read from its current offset); return the position.
 
         Raises PositionMismatch when the file does not follow from the replica's position
@@ -724,40 +735,36 @@ class ReplicaDatabase:
             self._require_open()
             self._require_no_resync(path)
             prepared = self._prepare(ltx_file, path)
-            try:
-                self._check(prepared, append=True)
-                self._write(prepared, ltx_file)
-            finally:
-                prepared.spool.close()
+            self._check(prepared, append=True)
+            self._write(prepared, ltx_file)
             return self.pos
 
-    def _prepare(self, f: BinaryIO, path: str | None) -> _Prepared:
-        """Decode and verify the whole file, spooling its pages for the write."""
+    def _prepare(self, f: Source, path: str | None) -> _Prepared:
+        """Decode and verify the whole file, keeping its pages when they are few."""
         start = f.tell()
-        # Owned by the _Prepared returned (its caller closes it), or closed below.
-        spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_MEMORY)  # noqa: SIM115
         try:
             decoder = ltx.open_decoder(f, path=path)
             header = decoder.header
             name = path or ltx.format_filename(header.min_txid, header.max_txid)
             pgnos: list[int] = []
+            pages: list[bytes] | None = []
+            keep = _KEEP_DECODED // header.page_size
             sums: dict[int, int] = {}
             page1: bytes | None = None
             for pgno, data in decoder.pages():
-                spool.write(data)
                 pgnos.append(pgno)
+                if pages is not None:
+                    pages.append(data)
+                    if len(pages) > keep:
+                        pages = None
                 sums[pgno] = page_checksum(pgno, data)
                 if pgno == 1:
                     page1 = data
             trailer = decoder.trailer
             assert trailer is not None
         except ltx.LTXError as exc:
-            spool.close()
             raise ApplyError(f"invalid LTX file: {exc}", path=path) from exc
-        except BaseException:
-            spool.close()
-            raise
-        return _Prepared(header, trailer, name, start, spool, pgnos, sums, page1)
+        return _Prepared(header, trailer, name, f, start, pgnos, pages, sums, page1)
 
     def _check(self, p: _Prepared, *, append: bool) -> None:
         """Every check that can fail before a byte is written; sets the prediction."""
@@ -856,23 +863,23 @@ class ReplicaDatabase:
         raise ApplyError("other connections keep writing the replica; try again", path=name)
 
     def _rows(self, p: _Prepared, physical_count: int) -> Iterator[tuple[int, bytes | None]]:
-        """The sqlite_dbpage rows of one apply: pages descending (page 1 last), then the
-        truncation row when the database shrinks."""
-        size = p.header.page_size
-        order = [(pgno, i) for i, pgno in enumerate(p.pgnos)]
-        order += [(pgno, -1) for pgno in p.gap]
-        order.sort(reverse=True)
-        zeros = bytes(size)
-        for pgno, index in order:
-            data = p.page(index) if index >= 0 else zeros
-            yield pgno, wal_page1(data) if pgno == 1 else data
+        """The sqlite_dbpage rows of one apply: pages ascending, the zero pages of a
+        growth gap among them, page 1 last, then the truncation row when the database
+        shrinks."""
+        zeros = bytes(p.header.page_size)
+        gap = ((pgno, zeros) for pgno in p.gap)
+        for pgno, data in heapq.merge(p.decoded(), gap, key=_first):
+            if pgno != 1:
+                yield pgno, data
+        if p.page1 is not None:
+            yield 1, wal_page1(p.page1)
         if p.header.commit < physical_count:
             yield p.header.commit + 1, None
 
     def _write(
         self,
         p: _Prepared,
-        source: BinaryIO | None,
+        source: Source | None,
         *,
         restart: bool = False,
         hashed: _Hashed | None = None,
@@ -929,7 +936,7 @@ class ReplicaDatabase:
         self._local_write = False
         log.error("%s: %s", self.path, self._problem)
 
-    def _append(self, source: BinaryIO, p: _Prepared, *, restart: bool = False) -> None:
+    def _append(self, source: Source, p: _Prepared, *, restart: bool = False) -> None:
         def write(out: BinaryIO) -> None:
             source.seek(p.start)
             shutil.copyfileobj(source, out, _COPY_CHUNK)
@@ -939,6 +946,8 @@ class ReplicaDatabase:
         elif source.seek(0, os.SEEK_END) - p.start <= _COPY_CHUNK:  # most files: one read
             source.seek(p.start)
             self.log.append(source.read())
+        elif p.start == 0 and isinstance(source, Spool):  # moved in, not copied
+            self.log.append(write, link=source.link_to)
         else:
             self.log.append(write)
 
@@ -974,7 +983,7 @@ class ReplicaDatabase:
             log.error("%s: %s", self.path, self._problem)
 
     def _write_empty(
-        self, *, wal: bool, prepared: _Prepared | None = None, source: BinaryIO | None = None
+        self, *, wal: bool, prepared: _Prepared | None = None, source: Source | None = None
     ) -> None:
         """One transaction leaving a database with no tables (a deletion file, or the
         first step of a page size change); with ``prepared`` the state becomes deleted
@@ -1300,7 +1309,7 @@ class ReplicaDatabase:
             raise ApplyError(f"read {len(hashes)} page(s), the database has {count}")
         return page_size, sums, hashes, version
 
-    def apply_resync(self, ltx_file: BinaryIO, *, path: str | None = None) -> Pos:
+    def apply_resync(self, ltx_file: Source, *, path: str | None = None) -> Pos:
         """Apply the answer to the pending resync (seekable, read from its offset).
 
         Verified in full before anything is written (see the module docstring); on
@@ -1320,16 +1329,13 @@ class ReplicaDatabase:
                 self._end_resync(hashed)
                 raise
             try:
-                try:
-                    self._check_resync(prepared, hashed)
-                except BaseException:
-                    self._end_resync(hashed)
-                    raise
-                self._held = hashed.was_held  # _write re-takes the lock only if it was held
-                snapshot = prepared.header.is_snapshot
-                self._write(prepared, ltx_file, restart=True, hashed=None if snapshot else hashed)
-            finally:
-                prepared.spool.close()
+                self._check_resync(prepared, hashed)
+            except BaseException:
+                self._end_resync(hashed)
+                raise
+            self._held = hashed.was_held  # _write re-takes the lock only if it was held
+            snapshot = prepared.header.is_snapshot
+            self._write(prepared, ltx_file, restart=True, hashed=None if snapshot else hashed)
             log.warning(
                 "%s: resynced to TXID %d with %s of %d page(s)",
                 self.path,
@@ -1415,6 +1421,10 @@ def _physically_empty(phys: _Physical) -> bool:
     if phys.count == 0:
         return True
     return phys.count == 1 and phys.page1 is not None and phys.page1[103:105] == b"\x00\x00"
+
+
+def _first(row: tuple[int, bytes]) -> int:
+    return row[0]
 
 
 def _reraise(exc: BaseException, name: str) -> NoReturn:

@@ -319,12 +319,19 @@ class LTXLog:
             )
 
     def append(
-        self, data: bytes | memoryview | Callable[[BinaryIO], object], *, verify: bool = False
+        self,
+        data: bytes | memoryview | Callable[[BinaryIO], object],
+        *,
+        verify: bool = False,
+        link: Callable[[str], bool] | None = None,
     ) -> Path:
         """Add one LTX file durably and atomically; return its path.
 
         ``data`` is the file's bytes or a function that writes them to a binary
-        file (an ``ltx.Encoder`` target). Header and trailer are validated and
+        file (an ``ltx.Encoder`` target). ``link``, when given, is tried first: a
+        function that gives an existing file with the same bytes the name it is passed
+        (``Spool.link_to``), so a large received file is moved in, not copied; when it
+        answers False, ``data`` is written. Header and trailer are validated and
         the chain rules of ``check`` enforced (call ``check`` first to fail
         before encoding); ``verify=True`` also decodes the whole file.
 
@@ -340,6 +347,8 @@ class LTXLog:
                 header, trailer = _parse_ends(head, tail, len(data), None)
                 self.check(header)  # before writing a byte
                 tmp = self._write_bytes(data)
+            elif link is not None and (linked := self._link_temp(link)) is not None:
+                tmp, header, trailer = linked
             else:
                 tmp, header, trailer = self._write_temp(data)
             if verify:
@@ -422,6 +431,25 @@ class LTXLog:
                 os.unlink(tmp)
             raise
         return tmp
+
+    def _link_temp(self, link: Callable[[str], bool]) -> tuple[str, Header, Trailer] | None:
+        """Have ``link`` name its file with the temporary name; its header and trailer
+        (checked), or None when it could not."""
+        tmp = self._temp_name()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by a failed append: a link needs the name free
+        if not link(tmp):
+            return None
+        try:
+            with open(tmp, "rb") as f:
+                header, trailer = _read_ends(f, tmp)
+            self.check(header)
+            os.chmod(tmp, self._mode)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp, header, trailer
 
     def _verify(self, tmp: str, trailer: Trailer) -> None:
         try:

@@ -27,7 +27,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
 
 import aiohttp
 import sqlean
@@ -47,6 +46,7 @@ from sidecar.fileutil import atomic_write, fsync_dir
 from sidecar.frames import DatabasePosition, FrameError, ResyncReason
 from sidecar.log import LTXLog
 from sidecar.primary import node_id_number
+from sidecar.spool import Spool
 from sidecar.sqlconn import close_quietly
 
 log = logging.getLogger("ltx_sidecar.replica")
@@ -58,7 +58,7 @@ _MAX_FAILED_RESYNCS = 3  # seconds between checks for writes that landed anyway
 PRIMARY_FILE = ".primary"
 
 
-Incoming = BinaryIO  # an LTX file received from the primary (spooled), read from 0
+Incoming = Spool  # an LTX file received from the primary, read from 0
 
 
 class StreamClosed(Exception):
@@ -399,11 +399,7 @@ class ReplicaRole:
     def _spool(self) -> Incoming:
         """In memory up to a size (most files are a few pages), on disk beyond it; the
         caller closes it."""
-        self._incoming_dir.mkdir(parents=True, exist_ok=True)
-        spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - the caller closes it
-            max_size=_SPOOL_IN_MEMORY, mode="w+b", dir=str(self._incoming_dir)
-        )
-        return cast(BinaryIO, spool)
+        return Spool(self._incoming_dir, _SPOOL_IN_MEMORY)
 
     def _drop_incoming(self, db: _Db) -> None:
         if db.incoming is not None:

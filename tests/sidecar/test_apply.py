@@ -27,6 +27,7 @@ import pytest
 import sqlean
 
 import ltx
+import sidecar.apply
 from ltx import EMPTY_DB_CHECKSUM, Encoder, Header, Pos, Trailer
 from sidecar.apply import (
     PAGE1_MAGIC,
@@ -40,6 +41,8 @@ from sidecar.apply import (
     wal_page1,
 )
 from sidecar.log import LTXLog
+from sidecar.replica import snapshot_database
+from sidecar.spool import Spool
 from sidecar.tailer import DatabaseTailer, TailerOptions
 
 HERE = Path(__file__).resolve()
@@ -445,6 +448,85 @@ def follow_workload(primary: Primary, tmp_path: Path, replicas: list[ReplicaData
     assert [p.name for _, _, p in replica.log] == [p.name for _, _, p in primary.log]
     for (_, _, mine), (_, _, theirs) in zip(replica.log, primary.log, strict=True):
         assert mine.read_bytes() == theirs.read_bytes()
+
+
+def test_files_too_large_to_keep_decoded_are_decoded_again_for_the_write(
+    tmp_path: Path, replicas: list[ReplicaDatabase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past _KEEP_DECODED bytes the pages are not held: the write decodes the file again
+    # (a 1 GB snapshot). Here every file with more than one page takes that path.
+    monkeypatch.setattr(sidecar.apply, "_KEEP_DECODED", 1)
+    primary = Primary(tmp_path)
+    try:
+        follow_workload(primary, tmp_path, replicas)
+    finally:
+        primary.close()
+
+
+class ChangingFile(io.BytesIO):
+    """A file whose bytes are replaced once they have been read to the end: what a
+    second decode would meet if the file changed between the check and the write."""
+
+    def __init__(self, first: bytes, then: bytes) -> None:
+        super().__init__(first)
+        self._then: bytes | None = then
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if not data and self._then is not None:
+            position = self.tell()
+            self.seek(0)
+            self.write(self._then)
+            self.seek(position)
+            self._then = None
+        return data
+
+
+def test_a_file_that_changes_between_the_check_and_the_write_is_not_applied(
+    primary: Primary,
+    tmp_path: Path,
+    replicas: list[ReplicaDatabase],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sidecar.apply, "_KEEP_DECODED", 1)
+    replica = open_replica(node(tmp_path), replicas)
+    primary.sql("CREATE TABLE t(v)")
+    ship(primary, replica)
+    primary.sql(f"INSERT INTO t SELECT randomblob(3000) FROM {series(30)}")
+    (path,) = primary.new_files(replica.pos.txid)
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x10
+    observer = connect(replica.path)
+    before = observe(replica, observer)
+    with pytest.raises(ApplyError, match="checksum"):
+        replica.apply(ChangingFile(good, bytes(flipped)), path="changing.ltx")
+    assert observe(replica, observer) == before
+    apply_path(replica, path)
+    assert_replica_equals_primary(replica, primary)
+    observer.close()
+
+
+def test_a_large_received_file_is_moved_into_the_log_not_copied(
+    primary: Primary, tmp_path: Path, replicas: list[ReplicaDatabase]
+) -> None:
+    replica = open_replica(node(tmp_path), replicas)
+    primary.sql("CREATE TABLE t(v)", f"INSERT INTO t SELECT randomblob(3000) FROM {series(600)}")
+    primary.new_files(0)  # the tailer is at the end: a snapshot of now is at its TXID
+    snapshot = tmp_path / "snapshot.ltx"
+    assert primary.log.pos is not None
+    snapshot_database(primary.db, snapshot, txid=primary.log.pos.txid, node_id=1)
+    incoming = tmp_path / "replica" / "incoming"
+    with Spool(incoming, max_memory=1 << 20) as spool:
+        spool.write(snapshot.read_bytes())
+        assert spool.on_disk and os.listdir(incoming) == []  # unnamed until linked
+        spool.seek(0)
+        replica.apply(spool, path="snapshot")
+        spool.seek(0)
+        (_, _, logged) = list(replica.log)[-1]
+        assert logged.stat().st_ino == os.fstat(spool.fileno()).st_ino
+    assert logged.read_bytes() == snapshot.read_bytes()
+    assert_replica_equals_primary(replica, primary)
 
 
 def test_replica_applies_v1_files_as_it_does_v3_files(
@@ -1208,8 +1290,8 @@ def child_main(argv: list[str]) -> int:
     elif mode == "pause-appended":
         original_append = LTXLog.append
 
-        def append(self: LTXLog, data: Any, *, verify: bool = False) -> Path:
-            path = original_append(self, data, verify=verify)
+        def append(self: LTXLog, data: Any, *, verify: bool = False, link: Any = None) -> Path:
+            path = original_append(self, data, verify=verify, link=link)
             if is_big(path):
                 hold("big")
             return path

@@ -12,6 +12,7 @@ import pytest
 
 import ltx
 from sidecar.log import TEMP_PREFIX, LogError, LTXLog
+from sidecar.spool import Spool
 
 PAGE_SIZE = 512
 
@@ -214,6 +215,35 @@ def test_a_function_whose_file_breaks_the_chain_leaves_nothing(tmp_path: Path) -
     with pytest.raises(LogError):
         log.append(lambda f: f.write(data))
     assert on_disk(log.directory) == [ltx.format_filename(1, 1), ltx.format_filename(2, 2)]
+
+
+def test_append_moves_in_a_file_that_can_be_linked_and_writes_one_that_cannot(
+    tmp_path: Path,
+) -> None:
+    log, db = chain(tmp_path, commits=0)
+    data = db.commit(3)
+    with Spool(tmp_path / "incoming", max_memory=16) as spool:
+        spool.write(data)
+        path = log.append(lambda f: f.write(b"not used"), link=spool.link_to)
+        assert path.stat().st_ino == os.fstat(spool.fileno()).st_ino  # moved, not copied
+    assert path.read_bytes() == data
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    data = db.commit(1)
+    path = log.append(lambda f: f.write(data), link=lambda name: False)
+    assert path.read_bytes() == data
+    assert log.pos == ltx.Pos(3, db.checksum())
+    assert not (tmp_path / "incoming").exists() or os.listdir(tmp_path / "incoming") == []
+
+
+def test_a_linked_file_that_breaks_the_chain_leaves_nothing(tmp_path: Path) -> None:
+    log, db = chain(tmp_path, commits=1)
+    db.txid += 5
+    with Spool(tmp_path / "incoming", max_memory=16) as spool:
+        spool.write(db.commit(1))
+        with pytest.raises(LogError):
+            log.append(lambda f: None, link=spool.link_to)
+    assert on_disk(log.directory) == [ltx.format_filename(1, 1), ltx.format_filename(2, 2)]
+    assert os.listdir(tmp_path / "incoming") == []
 
 
 def test_append_rejects_bytes_that_are_not_ltx(tmp_path: Path) -> None:
