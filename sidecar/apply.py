@@ -97,6 +97,7 @@ serialized by a lock.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import heapq
 import logging
@@ -105,7 +106,7 @@ import shutil
 import struct
 import threading
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import ItemsView, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
@@ -295,6 +296,49 @@ class _Physical:
     data_version: int
 
 
+class _FileSums(Mapping[int, int]):
+    """pgno -> page checksum for one file's pages, added in ascending order: two arrays
+    and a byte per page of the database for membership, about 13 bytes a page where a
+    dict and a list took about 140 (a 1 GB snapshot: 36 MB)."""
+
+    def __init__(self) -> None:
+        self.pgnos = array("I")
+        self._values = array("Q")
+        self._present = bytearray()
+
+    def add(self, pgno: int, value: int) -> None:
+        self.pgnos.append(pgno)
+        self._values.append(value)
+        if pgno >= len(self._present):
+            self._present.extend(bytes(pgno + 1 - len(self._present)))
+        self._present[pgno] = 1
+
+    def __getitem__(self, pgno: int) -> int:
+        i = bisect.bisect_left(self.pgnos, pgno)
+        if i == len(self.pgnos) or self.pgnos[i] != pgno:
+            raise KeyError(pgno)
+        return self._values[i]
+
+    def __contains__(self, pgno: object) -> bool:
+        return isinstance(pgno, int) and 0 <= pgno < len(self._present) and self._present[pgno] == 1
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.pgnos)
+
+    def __len__(self) -> int:
+        return len(self.pgnos)
+
+    def items(self) -> ItemsView[int, int]:
+        return _FileSumsItems(self)
+
+
+class _FileSumsItems(ItemsView[int, int]):
+    _mapping: _FileSums
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self._mapping.pgnos, self._mapping._values, strict=True)
+
+
 @dataclass(slots=True)
 class _Prepared:
     """A decoded, verified LTX file, ready to be written."""
@@ -304,9 +348,8 @@ class _Prepared:
     name: str
     source: Source  # the file, from ``start``; read again for the write when large
     start: int
-    pgnos: list[int]  # as in the file: ascending
+    sums: _FileSums  # the file's pages and their checksums
     pages: list[bytes] | None  # the decoded pages, kept when they fit _KEEP_DECODED
-    sums: dict[int, int] = field(default_factory=dict)
     page1: bytes | None = None
     gap: list[int] = field(default_factory=list)  # pages the file grows into but omits
     post: int = 0  # predicted logical checksum after the apply
@@ -317,11 +360,11 @@ class _Prepared:
         reading them back). A file that changed since it was checked fails the
         decoder's file checksum, inside the apply's transaction: nothing is committed."""
         if self.pages is not None:
-            yield from zip(self.pgnos, self.pages, strict=True)
+            yield from zip(self.sums.pgnos, self.pages, strict=True)
             return
         self.source.seek(self.start)
         decoded = ltx.open_decoder(self.source, path=self.name).pages()
-        for (pgno, data), want in zip(decoded, self.pgnos, strict=True):
+        for (pgno, data), want in zip(decoded, self.sums.pgnos, strict=True):
             if pgno != want:
                 raise ApplyError(f"the file changed while applying (page {pgno})", path=self.name)
             yield pgno, data
@@ -746,25 +789,23 @@ class ReplicaDatabase:
             decoder = ltx.open_decoder(f, path=path)
             header = decoder.header
             name = path or ltx.format_filename(header.min_txid, header.max_txid)
-            pgnos: list[int] = []
             pages: list[bytes] | None = []
             keep = _KEEP_DECODED // header.page_size
-            sums: dict[int, int] = {}
+            sums = _FileSums()
             page1: bytes | None = None
             for pgno, data in decoder.pages():
-                pgnos.append(pgno)
                 if pages is not None:
                     pages.append(data)
                     if len(pages) > keep:
                         pages = None
-                sums[pgno] = page_checksum(pgno, data)
+                sums.add(pgno, page_checksum(pgno, data))
                 if pgno == 1:
                     page1 = data
             trailer = decoder.trailer
             assert trailer is not None
         except ltx.LTXError as exc:
             raise ApplyError(f"invalid LTX file: {exc}", path=path) from exc
-        return _Prepared(header, trailer, name, f, start, pgnos, pages, sums, page1)
+        return _Prepared(header, trailer, name, f, start, sums, pages, page1)
 
     def _check(self, p: _Prepared, *, append: bool) -> None:
         """Every check that can fail before a byte is written; sets the prediction."""
@@ -1341,7 +1382,7 @@ class ReplicaDatabase:
                 self.path,
                 self._txid,
                 "a snapshot" if snapshot else "a resync file",
-                len(prepared.pgnos),
+                len(prepared.sums),
             )
             return self.pos
 

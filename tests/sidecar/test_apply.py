@@ -1282,7 +1282,7 @@ def child_main(argv: list[str]) -> int:
 
         def rows(self: ReplicaDatabase, p: Any, count: int) -> Iterator[Any]:
             for i, row in enumerate(original_rows(self, p, count)):
-                if len(p.pgnos) > 1000 and i == len(p.pgnos) // 2:
+                if len(p.sums) > 1000 and i == len(p.sums) // 2:
                     hold("big")
                 yield row
 
