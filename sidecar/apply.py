@@ -13,7 +13,10 @@ never a mix (DESIGN.md choice 3). The rules, enforced below:
   over anything. The post-apply checksum is predicted from the per-page checksum array
   and the file's pages, and must equal the trailer's, still before a byte is written.
   A position mismatch raises PositionMismatch (the caller resyncs); any other failure
-  ApplyError. Nothing is written in either case.
+  ApplyError. Nothing is written in either case. One exception, for speed: a snapshot
+  larger than 8 MB (a bootstrap) is decoded once, by the write, and these checks run
+  after its last page and before COMMIT; a bad one is rolled back, so readers never see
+  it either (an empty replica is left an empty database in WAL mode, not a 0-byte file).
 * One write transaction per file: ``BEGIN IMMEDIATE``, then ONE statement,
   ``INSERT INTO sqlite_dbpage(pgno, data) VALUES(?, ?)`` stepped once per page in
   descending page order, so page 1 comes last, and, when the database shrinks, a last
@@ -341,24 +344,48 @@ class _FileSumsItems(ItemsView[int, int]):
 
 @dataclass(slots=True)
 class _Prepared:
-    """A decoded, verified LTX file, ready to be written."""
+    """An LTX file ready to be written: decoded and verified, or (``unread``, a large
+    snapshot) only opened: the write decodes it and checks it before COMMIT."""
 
     header: Header
-    trailer: Trailer
     name: str
     source: Source  # the file, from ``start``; read again for the write when large
     start: int
-    sums: _FileSums  # the file's pages and their checksums
-    pages: list[bytes] | None  # the decoded pages, kept when they fit _KEEP_DECODED
+    trailer: Trailer | None = None  # None until the whole file is decoded
+    sums: _FileSums = field(default_factory=_FileSums)  # its pages and their checksums
+    pages: list[bytes] | None = None  # the decoded pages, kept when they fit _KEEP_DECODED
     page1: bytes | None = None
     gap: list[int] = field(default_factory=list)  # pages the file grows into but omits
     post: int = 0  # predicted logical checksum after the apply
+    unread: ltx.Decoder | None = None  # the decoder the write takes the pages from
+
+    @property
+    def end(self) -> Trailer:
+        assert self.trailer is not None, "the file is not decoded yet"
+        return self.trailer
+
+    def take(self, decoder: ltx.Decoder) -> Iterator[tuple[int, bytes]]:
+        """Decode the file, noting each page's number and checksum (and page 1)."""
+        try:
+            for pgno, data in decoder.pages():
+                self.sums.add(pgno, page_checksum(pgno, data))
+                if pgno == 1:
+                    self.page1 = data
+                yield pgno, data
+        except ltx.LTXError as exc:
+            raise ApplyError(f"invalid LTX file: {exc}", path=self.name) from exc
+        self.trailer = decoder.trailer
 
     def decoded(self) -> Iterator[tuple[int, bytes]]:
-        """The file's pages in order: kept, or decoded again (a large file: its pages
-        are not held or spooled, a second decode costs less than writing them out and
-        reading them back). A file that changed since it was checked fails the
-        decoder's file checksum, inside the apply's transaction: nothing is committed."""
+        """The file's pages in order: decoded for the first time (``unread``), kept, or
+        decoded again (a large file: its pages are not held or spooled, a second decode
+        costs less than writing them out and reading them back). A file that changed
+        since it was checked fails the decoder's file checksum, inside the apply's
+        transaction: nothing is committed."""
+        if self.unread is not None:
+            decoder, self.unread = self.unread, None
+            yield from self.take(decoder)
+            return
         if self.pages is not None:
             yield from zip(self.sums.pgnos, self.pages, strict=True)
             return
@@ -777,35 +804,38 @@ class ReplicaDatabase:
         with self._mutex:
             self._require_open()
             self._require_no_resync(path)
-            prepared = self._prepare(ltx_file, path)
-            self._check(prepared, append=True)
+            prepared = self._prepare(ltx_file, path, defer=True)
+            if prepared.unread is None:
+                self._check(prepared, append=True)
+            else:  # its header now, the rest once the write has decoded it, before COMMIT
+                self._check_log(prepared)
             self._write(prepared, ltx_file)
             return self.pos
 
-    def _prepare(self, f: Source, path: str | None) -> _Prepared:
-        """Decode and verify the whole file, keeping its pages when they are few."""
+    def _prepare(self, f: Source, path: str | None, *, defer: bool = False) -> _Prepared:
+        """Decode and verify the whole file, keeping its pages when they are few. With
+        ``defer``, a large snapshot is only opened: the write decodes it once and checks
+        it before COMMIT (``_rows``), instead of a decode to check and another to write."""
         start = f.tell()
         try:
             decoder = ltx.open_decoder(f, path=path)
-            header = decoder.header
-            name = path or ltx.format_filename(header.min_txid, header.max_txid)
-            pages: list[bytes] | None = []
-            keep = _KEEP_DECODED // header.page_size
-            sums = _FileSums()
-            page1: bytes | None = None
-            for pgno, data in decoder.pages():
-                if pages is not None:
-                    pages.append(data)
-                    if len(pages) > keep:
-                        pages = None
-                sums.add(pgno, page_checksum(pgno, data))
-                if pgno == 1:
-                    page1 = data
-            trailer = decoder.trailer
-            assert trailer is not None
         except ltx.LTXError as exc:
             raise ApplyError(f"invalid LTX file: {exc}", path=path) from exc
-        return _Prepared(header, trailer, name, f, start, sums, pages, page1)
+        header = decoder.header
+        name = path or ltx.format_filename(header.min_txid, header.max_txid)
+        p = _Prepared(header, name, f, start)
+        if defer and header.is_snapshot and header.commit * header.page_size > _KEEP_DECODED:
+            p.unread = decoder
+            return p
+        keep = _KEEP_DECODED // header.page_size
+        pages: list[bytes] | None = []
+        for _, data in p.take(decoder):
+            if pages is not None:
+                pages.append(data)
+                if len(pages) > keep:
+                    pages = None
+        p.pages = pages
+        return p
 
     def _check(self, p: _Prepared, *, append: bool) -> None:
         """Every check that can fail before a byte is written; sets the prediction."""
@@ -840,19 +870,22 @@ class ReplicaDatabase:
                     "the file has no page 1 and the replica has none either", path=p.name
                 )
         p.post = self._predict(p)
-        if not h.no_checksum and p.post != p.trailer.post_apply_checksum:
+        if not h.no_checksum and p.post != p.end.post_apply_checksum:
             raise ApplyError(
                 f"applying the file would give checksum {p.post:016x}, its trailer says "
-                f"{p.trailer.post_apply_checksum:016x}",
+                f"{p.end.post_apply_checksum:016x}",
                 path=p.name,
             )
         if append:
-            try:
-                self.log.check(h)
-            except LogError as exc:
-                raise ApplyError(
-                    f"the replica's LTX log refuses the file: {exc.message}", path=p.name
-                ) from exc
+            self._check_log(p)
+
+    def _check_log(self, p: _Prepared) -> None:
+        try:
+            self.log.check(p.header)
+        except LogError as exc:
+            raise ApplyError(
+                f"the replica's LTX log refuses the file: {exc.message}", path=p.name
+            ) from exc
 
     def _predict(self, p: _Prepared) -> int:
         """The logical checksum after the file, from the checksums and the file's pages."""
@@ -908,10 +941,15 @@ class ReplicaDatabase:
         growth gap among them, page 1 last, then the truncation row when the database
         shrinks."""
         zeros = bytes(p.header.page_size)
-        gap = ((pgno, zeros) for pgno in p.gap)
-        for pgno, data in heapq.merge(p.decoded(), gap, key=_first):
-            if pgno != 1:
-                yield pgno, data
+        if p.unread is not None:  # checked once decoded; only then is the gap known
+            yield from ((pgno, data) for pgno, data in p.decoded() if pgno != 1)
+            self._check(p, append=True)
+            yield from ((pgno, zeros) for pgno in p.gap)
+        else:
+            gap = ((pgno, zeros) for pgno in p.gap)
+            for pgno, data in heapq.merge(p.decoded(), gap, key=_first):
+                if pgno != 1:
+                    yield pgno, data
         if p.page1 is not None:
             yield 1, wal_page1(p.page1)
         if p.header.commit < physical_count:
@@ -1012,7 +1050,7 @@ class ReplicaDatabase:
         if p.page1 is not None:
             self._page1 = p.page1
         self._txid = h.max_txid
-        self._pos_checksum = p.trailer.post_apply_checksum if not h.no_checksum else p.post
+        self._pos_checksum = p.end.post_apply_checksum if not h.no_checksum else p.post
         self._deleted = False
         self._problem = None
         self._local_write = False
@@ -1436,10 +1474,10 @@ class ReplicaDatabase:
                 raise ApplyError("a resync file must hold page 1", path=p.name)
             p.gap = hashed.sums.growth_gap(p.sums, h.commit)
             p.post = hashed.sums.after(p.sums, h.commit)
-        if p.post != p.trailer.post_apply_checksum:
+        if p.post != p.end.post_apply_checksum:
             raise ApplyError(
                 f"applying the resync answer would give checksum {p.post:016x}, its trailer "
-                f"says {p.trailer.post_apply_checksum:016x}",
+                f"says {p.end.post_apply_checksum:016x}",
                 path=p.name,
             )
 

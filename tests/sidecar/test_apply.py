@@ -205,8 +205,9 @@ def deleted(replica: ReplicaDatabase) -> bool:
     return replica.deleted
 
 
-def read_pos_file(replica: ReplicaDatabase) -> bytes:
-    return Path(f"{replica.path}-pos").read_bytes()
+def read_pos_file(replica: ReplicaDatabase) -> bytes | None:
+    path = Path(f"{replica.path}-pos")
+    return path.read_bytes() if path.exists() else None
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -507,6 +508,53 @@ def test_a_file_that_changes_between_the_check_and_the_write_is_not_applied(
     observer.close()
 
 
+@pytest.mark.parametrize("empty", [True, False], ids=["empty-replica", "replica-with-pages"])
+def test_a_large_snapshot_is_checked_as_it_is_written_and_a_bad_one_writes_nothing(
+    empty: bool,
+    primary: Primary,
+    tmp_path: Path,
+    replicas: list[ReplicaDatabase],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A snapshot larger than _KEEP_DECODED is decoded once, by the write; its checks run
+    # before COMMIT. A bad one is rolled back: the replica is as it was.
+    monkeypatch.setattr(sidecar.apply, "_KEEP_DECODED", 1)
+    replica = open_replica(node(tmp_path), replicas)
+    primary.sql("CREATE TABLE t(v)", f"INSERT INTO t SELECT randomblob(3000) FROM {series(60)}")
+    stale = io.BytesIO()
+    if not empty:
+        ship(primary, replica)
+        primary.tailer.snapshot_to(stale)  # at the replica's TXID: does not move its log
+        primary.sql(f"INSERT INTO t SELECT randomblob(3000) FROM {series(60)}")
+    primary.tailer.sync()
+    out = io.BytesIO()
+    pos = primary.tailer.snapshot_to(out)
+    good = out.getvalue()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x10
+    observer = connect(replica.path)
+    before = observe(replica, observer)
+    bad = {
+        "flipped bit": (bytes(flipped), "checksum"),
+        "truncated": (good[: len(good) - 40], "end of file"),
+    }
+    if not empty:
+        bad["not past the log"] = (stale.getvalue(), "log refuses")
+    for what, (data, reason) in bad.items():
+        with pytest.raises(ApplyError, match=reason):
+            replica.apply(io.BytesIO(data), path=what)
+        after = observe(replica, observer)
+        if empty:  # the page size was set first: an empty database now, no longer no file
+            assert (after.pos, after.pos_file, after.log_files) == (Pos(0, 0), None, []), what
+            assert content(replica.path) == {"": []}
+        else:
+            assert after == before, what
+        assert integrity(replica.path) == "ok"
+    observer.close()
+    assert replica.apply(io.BytesIO(good)) == pos
+    assert_replica_equals_primary(replica, primary)
+
+
 def test_a_large_received_file_is_moved_into_the_log_not_copied(
     primary: Primary, tmp_path: Path, replicas: list[ReplicaDatabase]
 ) -> None:
@@ -630,7 +678,7 @@ def reencode(path: Path, **changes: int) -> bytes:
 @dataclass
 class Observed:
     pos: Pos
-    pos_file: bytes
+    pos_file: bytes | None
     data_version: int
     pages: list[bytes]
     log_files: list[str]
@@ -833,7 +881,7 @@ def test_pos_file_holds_txid_and_checksum(
     primary.sql("CREATE TABLE t(v)")
     ship(primary, replica)
     data = read_pos_file(replica)
-    assert len(data) == 34
+    assert data is not None and len(data) == 34
     assert data == f"{replica.pos.txid:016x}/{replica.pos.post_apply_checksum:016x}\n".encode()
     assert Pos.parse(data.decode()) == replica.pos == primary.log.pos
     assert not [n for n in os.listdir(replica.path.parent) if ".tmp-" in n]
