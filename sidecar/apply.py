@@ -16,7 +16,7 @@ never a mix (DESIGN.md choice 3). The rules, enforced below:
   ApplyError. Nothing is written in either case. One exception, for speed: a snapshot
   larger than 8 MB (a bootstrap) is decoded once, by the write, and these checks run
   after its last page and before COMMIT; a bad one is rolled back, so readers never see
-  it either (an empty replica is left an empty database in WAL mode, not a 0-byte file).
+  it either.
 * One write transaction per file: ``BEGIN IMMEDIATE``, then ONE statement,
   ``INSERT INTO sqlite_dbpage(pgno, data) VALUES(?, ?)`` stepped once per page in
   descending page order, so page 1 comes last, and, when the database shrinks, a last
@@ -64,8 +64,9 @@ never a mix (DESIGN.md choice 3). The rules, enforced below:
   ``problem``: incremental files are refused (LocalWriteError) until a snapshot.
 * Empty and deleted. An empty replica (an empty log, or a database file with no pages)
   is left without pages until its first snapshot, because the page size can only be
-  chosen before the first page exists; WAL mode is set then, with the snapshot's page
-  size. (A replica database that already has pages of another size is converted with
+  chosen before the first page exists. That snapshot's transaction runs in
+  rollback-journal mode (each page written once, not to the WAL and then the database);
+  its page 1, with the WAL flags, puts the database in WAL mode. (A replica database that already has pages of another size is converted with
   ``journal_mode=DELETE``, ``page_size``, ``VACUUM``, which needs every other connection
   to it closed; otherwise ApplyError, and the caller retries.) A deletion file (commit
   0) cannot leave a database with no pages while it is open: it is applied as one
@@ -973,6 +974,7 @@ class ReplicaDatabase:
             self._write_empty(wal=True, prepared=p, source=source)
         else:
             self._fit_page_size(h.page_size)
+            new = self._no_file_yet()
             appended = False
             try:
                 # A snapshot replaces every page: a local write before it does not matter.
@@ -994,7 +996,7 @@ class ReplicaDatabase:
             self._purge_cache()
             # Our own commit does not change our data_version; nobody else could write
             # while we held the write lock, so the value read inside stays the baseline.
-            self._data_version = version
+            self._data_version = self._first_commit_baseline(version) if new else version
             if hashed is not None:
                 self._sums = hashed.sums  # the file applies to the pages as hashed
             self._advance(p)
@@ -1006,6 +1008,29 @@ class ReplicaDatabase:
         self._write_pos_file()
         if held:
             self._retake_lock()
+
+    def _no_file_yet(self) -> bool:
+        """The database file is empty: SQLite has not written its first page (a stat,
+        not a descriptor: see "Files and descriptors")."""
+        try:
+            return self.path.stat().st_size == 0
+        except FileNotFoundError:
+            return True
+
+    def _first_commit_baseline(self, version: int) -> int:
+        """The data_version baseline after the first commit into a database that had no
+        pages. That commit (rollback-journal mode, see _fit_page_size) puts the database
+        in WAL mode, which changes data_version for this connection too (measured): kept,
+        the baseline would make the next check scan every page. The new value is taken
+        when no other connection can have committed before it was read: the WAL then
+        holds no frame (our commit wrote none; a checkpoint of another's would need the
+        WAL restarted too, in those microseconds)."""
+        with contextlib.suppress(sqlean.Error):
+            after = self._read_data_version()
+            frames = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+            if frames == 0:
+                return after
+        return version
 
     def _log_ahead(self, name: str, exc: BaseException) -> None:
         self._problem = (
@@ -1128,8 +1153,10 @@ class ReplicaDatabase:
         self._held = False
         try:
             if count == 0:
+                # Not WAL mode yet: the first transaction runs in rollback-journal mode,
+                # writing each page once (not to the WAL and then the database), and
+                # its page 1, with the WAL flags, puts the database in WAL mode.
                 conn.execute(f"PRAGMA page_size={page_size}")
-                self._ensure_wal()
                 return
             log.warning(
                 "%s: changing the replica's page size from %d to %d for a snapshot",
@@ -1163,8 +1190,9 @@ class ReplicaDatabase:
         except sqlean.Error as exc:
             _reraise(exc, str(self.path))
         finally:
-            with contextlib.suppress(ApplyError, sqlean.Error):
-                self._ensure_wal()
+            if count > 0:
+                with contextlib.suppress(ApplyError, sqlean.Error):
+                    self._ensure_wal()
             self._purge_cache()
             if held:
                 self._retake_lock()
