@@ -974,7 +974,7 @@ class ReplicaDatabase:
             self._write_empty(wal=True, prepared=p, source=source)
         else:
             self._fit_page_size(h.page_size)
-            new = self._no_file_yet()
+            new = self._sums.pages == 0 and self._no_file_yet()
             appended = False
             try:
                 # A snapshot replaces every page: a local write before it does not matter.
