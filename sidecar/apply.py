@@ -149,6 +149,7 @@ STAMPED_RANGES = ((24, 28), (92, 96), (96, 100))
 PAGE1_MAGIC = b"LTXPAGE1"
 _PAGE1_HEAD = struct.Struct(">8sQQ")  # magic, TXID, position checksum; then the page
 _INSERT_PAGE = "INSERT INTO sqlite_dbpage(pgno, data) VALUES(?, ?)"
+_WAL_SIZE_LIMIT = 16 << 20  # bytes of WAL file kept when the WAL restarts
 _KEEP_DECODED = 8 << 20  # decoded pages kept up to this many bytes; decoded again beyond
 _COPY_CHUNK = 1 << 20
 
@@ -520,6 +521,9 @@ class ReplicaDatabase:
         conn.execute(f"PRAGMA busy_timeout={max(0, int(self.busy_timeout * 1000))}")
         # COMMIT durable before the pos file says so, unless durability is the primary's job.
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+        # The WAL file keeps the size of the largest transaction (a snapshot: the whole
+        # database) unless SQLite may truncate it when the WAL restarts.
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         if self._page_count() > 0:
             self._ensure_wal()
             return
@@ -774,11 +778,13 @@ class ReplicaDatabase:
             )
         if again:
             log.warning(
-                "%s: %s; the database is where the log's last file %s starts (an interrupted "
-                "apply): applying it again",
+                "%s: %s; %s: applying it again",
                 self.path,
                 reason,
-                files[-1].name,
+                f"the log ends with the snapshot {files[-1].name}, which applies over anything"
+                if last.is_snapshot
+                else f"the database is where the log's last file {files[-1].name} starts (an "
+                "interrupted apply)",
             )
             try:
                 with open(files[-1], "rb") as f:
@@ -1062,8 +1068,33 @@ class ReplicaDatabase:
                 conn.execute("ROLLBACK")
         self._purge_cache()
         self._held = False
+        self._shrink_wal()
         if held:
             self._retake_lock()
+
+    def _shrink_wal(self) -> None:
+        """After a failed apply: a WAL grown past the limit by the rolled-back pages is
+        truncated now. Those pages are junk, and the space is what the next attempt
+        needs (a snapshot that failed on a full disk left a WAL as large as the database,
+        so every later attempt failed sooner)."""
+        wal = Path(f"{self.path}-wal")
+        try:
+            size = wal.stat().st_size
+        except FileNotFoundError:
+            return
+        if size <= _WAL_SIZE_LIMIT:
+            return
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlean.Error as exc:
+            log.warning("%s: cannot truncate the WAL after a failed apply: %s", self.path, exc)
+            return
+        log.info(
+            "%s: truncated the WAL (%.1f MB) after a failed apply%s",
+            self.path,
+            size / 1e6,
+            " (readers kept part of it)" if busy else "",
+        )
 
     def _advance(self, p: _Prepared) -> None:
         """Move the logical state through a file that was just committed."""

@@ -594,6 +594,37 @@ def test_the_first_snapshot_is_written_once_and_is_not_taken_for_a_local_write(
     assert replica.detect_local_writes() and scans == 1
 
 
+def test_a_failed_apply_leaves_no_large_wal_behind(
+    primary: Primary,
+    tmp_path: Path,
+    replicas: list[ReplicaDatabase],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A snapshot that fails late (here a flipped bit, found by its write; on a full disk,
+    # ENOSPC) has put its pages in the replica's WAL before the rollback: that space is
+    # given back at once, or every later attempt has less of it.
+    monkeypatch.setattr(sidecar.apply, "_KEEP_DECODED", 1)
+    monkeypatch.setattr(sidecar.apply, "_WAL_SIZE_LIMIT", 64 * 1024)
+    replica = open_replica(node(tmp_path), replicas)
+    replica.hold_write_lock()
+    primary.sql("CREATE TABLE t(v)")
+    ship(primary, replica)
+    primary.sql(f"INSERT INTO t SELECT randomblob(3000) FROM {series(600)}")
+    primary.tailer.sync()
+    out = io.BytesIO()
+    primary.tailer.snapshot_to(out)
+    flipped = bytearray(out.getvalue())
+    flipped[-100] ^= 0x10  # in the last pages: the others are in the WAL by then
+    wal = Path(f"{replica.path}-wal")
+    with pytest.raises(ApplyError, match="invalid LTX file"):
+        replica.apply(io.BytesIO(bytes(flipped)), path="flipped")
+    assert wal.stat().st_size <= 64 * 1024
+    assert replica.write_lock_held
+    out.seek(0)
+    replica.apply(out)
+    assert_replica_equals_primary(replica, primary)
+
+
 def test_a_large_received_file_is_moved_into_the_log_not_copied(
     primary: Primary, tmp_path: Path, replicas: list[ReplicaDatabase]
 ) -> None:
