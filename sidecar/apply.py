@@ -173,6 +173,11 @@ class PositionMismatch(ApplyError):
     doubt): the caller resyncs the database."""
 
 
+class NotNext(PositionMismatch):
+    """The file does not start at the replica's next TXID: the replica is behind or the
+    file is old, not in doubt. The caller asks again from its position."""
+
+
 class LocalWriteError(PositionMismatch):
     """Another connection wrote to the replica: it has diverged from its log."""
 
@@ -855,7 +860,7 @@ class ReplicaDatabase:
                     path=p.name,
                 )
             if h.min_txid != self._txid + 1:
-                raise PositionMismatch(
+                raise NotNext(
                     f"the file starts at TXID {h.min_txid}, the replica is at TXID "
                     f"{self._txid} (want {self._txid + 1})",
                     path=p.name,
@@ -1588,6 +1593,7 @@ __all__ = [
     "STAMPED_RANGES",
     "ApplyError",
     "LocalWriteError",
+    "NotNext",
     "PositionMismatch",
     "ReplicaDatabase",
     "apply_files",

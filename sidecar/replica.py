@@ -35,6 +35,7 @@ import ltx
 from sidecar import frames
 from sidecar.apply import (
     ApplyError,
+    NotNext,
     PositionMismatch,
     ReplicaDatabase,
     remove_database_files,
@@ -464,6 +465,13 @@ class ReplicaRole:
         """Apply one file; False when the copy must be asked for again."""
         try:
             replica, deleted = await asyncio.to_thread(self._apply_blocking, db, f)
+        except NotNext as exc:
+            # e.g. files the old stream still delivered after a failed apply: the copy
+            # is fine, the primary sends what follows its position once asked again.
+            log.info("%s: %s; asking again from our position", db.name, exc.reason)
+            self._clear_queue(db)
+            self._reconnect.set()
+            return False
         except PositionMismatch as exc:
             log.warning("%s: %s; resyncing", db.name, exc.reason)
             db.want_resync = True

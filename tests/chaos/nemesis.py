@@ -40,7 +40,7 @@ FAST_FAILURE_DETECTION = {
 STREAM_SILENCE = 3.0  # seconds: past the stream timeout, so a silent stream is noticed
 TMPFS_SIZE = "256m"
 DISK_RESERVE = 64 << 10  # bytes left free on a "full" disk (SQLite's journal needs more)
-DISK_FULL_ERRORS = r"No space left on device|File too large"
+DISK_FULL_ERRORS = r"No space left on device|File too large|database or disk is full"
 CLOCK_JUMPS = (120, 3600, 86400)  # seconds; forward only, see ClockJump
 
 

@@ -33,6 +33,7 @@ from sidecar.apply import (
     PAGE1_MAGIC,
     ApplyError,
     LocalWriteError,
+    NotNext,
     PositionMismatch,
     ReplicaDatabase,
     empty_page1,
@@ -775,15 +776,17 @@ def test_replica_rejects_ltx_with_wrong_pre_apply_checksum(
     observer = connect(replica.path)
     before = observe(replica, observer)
     bad = reencode(path, pre_apply_checksum=ltx.CHECKSUM_FLAG | 0x1234)
-    with pytest.raises(PositionMismatch, match="pre-apply checksum"):
+    with pytest.raises(PositionMismatch, match="pre-apply checksum") as mismatch:
         replica.apply(io.BytesIO(bad), path="bad.ltx")
+    assert not isinstance(mismatch.value, NotNext)  # a copy in doubt: resync
     assert observe(replica, observer) == before
-    # A file that skips a TXID does not apply either.
+    # A file that skips a TXID does not apply either; the copy is not in doubt (the
+    # caller asks again from its position instead of resyncing).
     primary.sql("INSERT INTO t VALUES(1)")
     (later,) = primary.new_files(file_pos(path).txid)
-    with pytest.raises(PositionMismatch, match="starts at TXID"):
+    with pytest.raises(NotNext, match="starts at TXID"):
         apply_path(replica, later)
-    assert observe(replica, observer) == before
+    assert observe(replica, observer) == before and replica.problem is None
     # The right file still applies afterwards.
     apply_path(replica, path)
     apply_path(replica, later)
