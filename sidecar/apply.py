@@ -19,11 +19,12 @@ never a mix (DESIGN.md choice 3). The rules, enforced below:
   it either.
 * One write transaction per file: ``BEGIN IMMEDIATE``, then ONE statement,
   ``INSERT INTO sqlite_dbpage(pgno, data) VALUES(?, ?)`` stepped once per page in
-  descending page order, so page 1 comes last, and, when the database shrinks, a last
-  row ``(commit + 1, NULL)``: SQLite 3.50 truncates the database to ``commit`` pages at
-  COMMIT. The truncation row must come after the page writes: a page write after it
-  cancels it (measured). Bytes 18-19 of page 1 (the WAL-mode flags) are written as 2,
-  so the replica stays in WAL mode whatever the file says. The trap (measured): the
+  ascending page order (the file's) except page 1, which comes last, and, when the
+  database shrinks, a last row ``(commit + 1, NULL)``: SQLite 3.50 truncates the
+  database to ``commit`` pages at COMMIT. The truncation row must come after the page
+  writes: a page write after it cancels it (measured). Bytes 18-19 of page 1 (the
+  WAL-mode flags) are written as 2, so the replica stays in WAL mode whatever the file
+  says. The trap (measured): the
   connection's b-tree layer keeps its parse of every page it has read, and
   sqlite_dbpage replaces the bytes under it without telling it. Once page 1 is written
   its schema cookie changed, so the next row (the truncation) makes SQLite reload the
@@ -65,8 +66,9 @@ never a mix (DESIGN.md choice 3). The rules, enforced below:
 * Empty and deleted. An empty replica (an empty log, or a database file with no pages)
   is left without pages until its first snapshot, because the page size can only be
   chosen before the first page exists. That snapshot's transaction runs in
-  rollback-journal mode (each page written once, not to the WAL and then the database);
-  its page 1, with the WAL flags, puts the database in WAL mode. (A replica database that already has pages of another size is converted with
+  rollback-journal mode (each page written once, not to the WAL and then the
+  database); its page 1, with the WAL flags, puts the database in WAL mode. (A replica
+  database that already has pages of another size is converted with
   ``journal_mode=DELETE``, ``page_size``, ``VACUUM``, which needs every other connection
   to it closed; otherwise ApplyError, and the caller retries.) A deletion file (commit
   0) cannot leave a database with no pages while it is open: it is applied as one

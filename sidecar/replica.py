@@ -54,8 +54,9 @@ log = logging.getLogger("ltx_sidecar.replica")
 
 _SPOOL_IN_MEMORY = 4 << 20  # incoming LTX bytes kept in memory before spilling to disk
 _MAX_GROUP = 256  # files applied as one transaction when they are queued together
-_LOCAL_WRITE_CHECK = 1.0
-_MAX_FAILED_RESYNCS = 3  # seconds between checks for writes that landed anyway
+_LOCAL_WRITE_CHECK = 1.0  # seconds between checks for writes that landed anyway
+_MAX_NOT_NEXT = 3  # files that do not follow the position, asked again before a resync
+_MAX_FAILED_RESYNCS = 3  # resyncs failed in a row before the copy is dropped for a snapshot
 PRIMARY_FILE = ".primary"
 
 
@@ -85,6 +86,7 @@ class _Db:
     applier: asyncio.Task[None] | None = None
     want_resync: bool = False  # the copy cannot continue from its position
     failed_resyncs: int = 0  # in a row; past a few, the copy is dropped for a snapshot
+    not_next: int = 0  # files in a row that did not start at the next TXID
     forget: bool = False  # drop the copy's history and take a snapshot instead
     applying: bool = False
 
@@ -467,8 +469,19 @@ class ReplicaRole:
             replica, deleted = await asyncio.to_thread(self._apply_blocking, db, f)
         except NotNext as exc:
             # e.g. files the old stream still delivered after a failed apply: the copy
-            # is fine, the primary sends what follows its position once asked again.
-            log.info("%s: %s; asking again from our position", db.name, exc.reason)
+            # is fine, the primary sends what follows its position once asked again
+            # (a resync only if it keeps sending files that do not follow).
+            db.not_next += 1
+            if db.not_next <= _MAX_NOT_NEXT:
+                log.info("%s: %s; asking again from our position", db.name, exc.reason)
+                self._clear_queue(db)
+                self._reconnect.set()
+                return False
+            db.not_next = 0
+            log.warning(
+                "%s: %s, %d times in a row; resyncing", db.name, exc.reason, _MAX_NOT_NEXT + 1
+            )
+            db.want_resync = True
             self._clear_queue(db)
             self._reconnect.set()
             return False
@@ -490,6 +503,7 @@ class ReplicaRole:
                 await asyncio.to_thread(failed.close)
             self._reconnect.set()
             return False
+        db.not_next = 0
         if deleted:
             await self._delete(db)
             return False
