@@ -486,8 +486,23 @@ class _Proxy:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(out)
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except aiohttp.ClientError as exc:
+                # The answer broke off (the app or the primary died mid-answer). Its
+                # status is sent: end the connection without the body's end, so the
+                # client sees an incomplete answer, never a short one that looks whole.
+                log.warning(
+                    "proxy: the answer from %s to %s %s broke off: %s",
+                    base_url,
+                    request.method,
+                    request.path,
+                    exc or type(exc).__name__,
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
             await response.write_eof()
             return response
 

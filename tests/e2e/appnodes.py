@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from email.message import Message
+from http.client import IncompleteRead
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ def http(
     headers: dict[str, str] | None = None,
     timeout: float = 30,
 ) -> Answer:
-    """Send one request; 4xx and 5xx are answers too, not exceptions."""
+    """Send one request; 4xx and 5xx are answers too, not exceptions. An answer that
+    breaks off (its server died mid-answer) raises ConnectionError, as a refused or reset
+    connection does (an OSError)."""
     request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with _OPENER.open(request, timeout=timeout) as resp:
@@ -64,6 +67,8 @@ def http(
     except urllib.error.HTTPError as exc:
         with exc:
             return Answer(exc.code, exc.headers, exc.read())
+    except IncompleteRead as exc:
+        raise ConnectionError(f"{method} {url}: the answer broke off: {exc!r}") from exc
 
 
 def cookie_txid(answer: Answer) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -179,7 +180,17 @@ class Node:
         app.router.add_post("/static/{x}", self.static)
         app.router.add_post("/upload", self.upload)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/broken", self.broken)
         return app
+
+    async def broken(self, request: web.Request) -> web.StreamResponse:
+        """Half an answer, then the app goes away (as a killed process does)."""
+        response = web.StreamResponse(headers={"X-Node": self.name})
+        await response.prepare(request)
+        await response.write(b"half of it")
+        assert request.transport is not None
+        request.transport.abort()
+        return response
 
     def _answer(self, data: object) -> web.Response:
         return web.json_response(data, headers={"X-Node": self.name})
@@ -503,6 +514,21 @@ async def test_websocket_passes_through_to_the_local_app(
             await ws.send_str("hello")
             msg = await ws.receive(timeout=30)
             assert msg.data == f"{node.name}:hello"
+
+
+async def test_an_answer_that_breaks_off_reaches_the_client_incomplete_not_as_an_error(
+    make_cluster: Any, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = await make_cluster(1)
+    with caplog.at_level(logging.WARNING):
+        async with http.get(cluster.primary.proxy_url + "/broken") as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+        await asyncio.sleep(0.1)  # the proxy's side of it, logged after the client's
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert errors == []  # was aiohttp's "Error handling request", with a traceback
+    assert any("broke off" in rec.getMessage() for rec in caplog.records)
 
 
 async def test_upstream_down_gives_502(make_cluster: Any, http: aiohttp.ClientSession) -> None:
