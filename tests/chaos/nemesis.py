@@ -117,7 +117,7 @@ class ChaosCluster:
         self._clock(self.primary)
         self.primary.write_config()
         conn = open_writer(self.primary.db())
-        conn.execute(SCHEMA)
+        conn.executescript(SCHEMA)
         conn.close()
         self.primary.start()
         tmpfs = self.full_disk_on_tmpfs and can_mount_tmpfs(self.root)

@@ -28,12 +28,15 @@ from pathlib import Path
 
 import sqlean
 
-TABLE = "chaos"
+TABLE = "chaos"  # the rows the invariants check: they stay
+BODIES = "chaos_body"  # their payloads: the oldest are deleted, so the database stops growing
 PARTS = 3  # rows per transaction
-SCHEMA = (
-    f"CREATE TABLE IF NOT EXISTS {TABLE}"
-    "(writer INT, seq INT, part INT, body BLOB, PRIMARY KEY(writer, seq, part))"
-)
+SCHEMA = "".join(
+    f"CREATE TABLE IF NOT EXISTS {name}"
+    "(writer INT, seq INT, part INT, body BLOB, PRIMARY KEY(writer, seq, part));"
+    for name in (TABLE, BODIES)
+)  # (two statements: executescript)
+KEEP_BODIES = 300  # transactions per writer whose payloads are kept
 READ_INTERVAL = 0.02
 REPO = Path(__file__).resolve().parents[2]  # so `python -m tests.chaos.workload` resolves
 
@@ -47,7 +50,7 @@ def write_forever(db: Path, writer_id: int, start: int, seed: int, pause: float)
     conn = sqlite3.connect(str(db), timeout=30, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA cache_size=8")  # big transactions spill uncommitted frames to the WAL
-    conn.execute(SCHEMA)
+    conn.executescript(SCHEMA)
     seq = start
     while True:
         print(f"begin {seq}", flush=True)
@@ -55,12 +58,19 @@ def write_forever(db: Path, writer_id: int, start: int, seed: int, pause: float)
         big = rng.random() < 0.05
         for part in range(PARTS):
             size = rng.randint(40_000, 120_000) if big else rng.randint(20, 2000)
+            row = (writer_id, seq, part, rng.randbytes(rng.randint(8, 64)))
+            conn.execute(f"INSERT INTO {TABLE}(writer, seq, part, body) VALUES (?, ?, ?, ?)", row)
             conn.execute(
-                f"INSERT INTO {TABLE}(writer, seq, part, body) VALUES (?, ?, ?, ?)",
+                f"INSERT INTO {BODIES}(writer, seq, part, body) VALUES (?, ?, ?, ?)",
                 (writer_id, seq, part, rng.randbytes(size)),
             )
             if big:
                 time.sleep(0.01)  # widen the window for a kill mid-transaction
+        # Without this a soak outgrew the full-disk nemesis's 256 MB tmpfs in about three
+        # minutes; the freed pages are reused.
+        conn.execute(
+            f"DELETE FROM {BODIES} WHERE writer = ? AND seq = ?", (writer_id, seq - KEEP_BODIES)
+        )
         conn.execute("COMMIT")
         print(f"ack {seq}", flush=True)
         seq += 1
