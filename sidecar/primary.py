@@ -26,7 +26,7 @@ import xxhash
 
 import ltx
 from sidecar import dirwatch
-from sidecar.config import Config, DatabaseNameError, looks_like_sqlite
+from sidecar.config import Config, DatabaseNameError, RetentionConfig, looks_like_sqlite
 from sidecar.fileutil import atomic_write
 from sidecar.log import LTXLog
 from sidecar.resync import PinnedReader, write_snapshot
@@ -41,6 +41,19 @@ _STATE_INTERVAL = 1.0  # seconds between state.json writes
 _RETENTION_INTERVAL = 10.0
 _BUSY_LOOP = 1.0  # seconds a worker thread may keep syncing before it yields
 _DISCOVER_INTERVAL = 1.0  # seconds between looks at watched directories (with inotify)
+
+
+def retain_log(ltx_log: LTXLog, retention: RetentionConfig, name: str) -> int:
+    """Apply the retention settings to one LTX log (a primary's or a replica's); return
+    how many files went."""
+    removed = ltx_log.retain(
+        int(time.time() * 1000),
+        int(retention.max_age.total_seconds() * 1000),
+        retention.keep_count,
+    )
+    if removed:
+        log.info("%s: retention removed %d old LTX file(s)", name, len(removed))
+    return len(removed)
 
 
 def node_id_number(node_id: str) -> int:
@@ -198,14 +211,7 @@ class DatabaseWorker:
             self._last_error = message
 
     def _retain(self) -> None:
-        retention = self.cfg.retention
-        removed = self.log.retain(
-            int(time.time() * 1000),
-            int(retention.max_age.total_seconds() * 1000),
-            retention.keep_count,
-        )
-        if removed:
-            log.info("%s: retention removed %d old LTX file(s)", self.name, len(removed))
+        retain_log(self.log, self.cfg.retention, self.name)
 
     def write_state(self) -> None:
         """<data-dir>/dbs/<name>/state.json: what ltxctl shows when the daemon is down."""

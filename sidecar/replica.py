@@ -46,7 +46,7 @@ from sidecar.config import Config, DatabaseNameError, validate_db_name
 from sidecar.fileutil import atomic_write, fsync_dir
 from sidecar.frames import DatabasePosition, FrameError, ResyncReason
 from sidecar.log import LTXLog
-from sidecar.primary import node_id_number
+from sidecar.primary import node_id_number, retain_log
 from sidecar.spool import Spool
 from sidecar.sqlconn import close_quietly
 
@@ -55,6 +55,7 @@ log = logging.getLogger("ltx_sidecar.replica")
 _SPOOL_IN_MEMORY = 4 << 20  # incoming LTX bytes kept in memory before spilling to disk
 _MAX_GROUP = 256  # files applied as one transaction when they are queued together
 _LOCAL_WRITE_CHECK = 1.0  # seconds between checks for writes that landed anyway
+_RETENTION_INTERVAL = 10.0  # seconds between prunings of the LTX logs (as on the primary)
 _MAX_NOT_NEXT = 3  # files that do not follow the position, asked again before a resync
 _MAX_FAILED_RESYNCS = 3  # resyncs failed in a row before the copy is dropped for a snapshot
 PRIMARY_FILE = ".primary"
@@ -654,9 +655,15 @@ class ReplicaRole:
             db.applier.cancel()
 
     async def _watch_local_writes(self) -> None:
-        """A write that landed anyway (lock not held, or just after a commit) is undone."""
+        """A write that landed anyway (lock not held, or just after a commit) is undone;
+        and every _RETENTION_INTERVAL, the logs are pruned as the primary prunes its own
+        (without it a replica's log grew until a snapshot restarted it)."""
+        last_retention = time.monotonic()
         while True:
             await asyncio.sleep(_LOCAL_WRITE_CHECK)
+            if time.monotonic() - last_retention >= _RETENTION_INTERVAL:
+                last_retention = time.monotonic()
+                await self._retain_logs()
             for db in list(self.dbs.values()):
                 replica = db.replica
                 if replica is None or db.want_resync or replica.resync_pending:
@@ -675,6 +682,16 @@ class ReplicaRole:
                     self.state.count("local_writes")
                     db.want_resync = True
                     self._reconnect.set()
+
+    async def _retain_logs(self) -> None:
+        for db in list(self.dbs.values()):
+            replica = db.replica
+            if replica is None:
+                continue
+            try:
+                await asyncio.to_thread(retain_log, replica.log, self.cfg.retention, db.name)
+            except (OSError, ltx.LTXError) as exc:
+                log.warning("%s: cannot prune the LTX log: %s", db.name, exc)
 
     # -- reporting -------------------------------------------------------------------------
 

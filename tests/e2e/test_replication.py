@@ -91,6 +91,32 @@ def test_two_replicas_converge_under_a_multiprocess_write_workload(
     )
 
 
+def test_a_replica_prunes_its_log_as_the_primary_does(tmp_path: Path) -> None:
+    retention = '[retention]\nmax-age = "0s"\nkeep-count = 5\n'
+    primary = TestNode("primary", tmp_path / "primary", extra=retention)
+    primary.write_config()
+    conn = open_writer(primary.db())
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, writer INT, n INT, body TEXT)")
+    conn.close()
+    replica = TestNode("replica", tmp_path / "replica", primary_url=primary.url, extra=retention)
+    try:
+        primary.start()
+        replica.start()
+        conn = open_writer(primary.db())
+        for i in range(40):  # one LTX file each: a commit, then the replica has it
+            conn.execute("INSERT INTO t(writer, n, body) VALUES (1, ?, 'x')", (i,))
+            wait_until(lambda: replica.txid() == primary.txid(), 20, "the replica", replica)
+        conn.close()
+        ltx_dir = replica.data_dir / "dbs" / "app.db" / "ltx"
+        assert len(list(ltx_dir.glob("*.ltx"))) > 20
+        wait_until(lambda: len(list(ltx_dir.glob("*.ltx"))) <= 5, 30, "retention", replica)
+        assert "retention removed" in replica.logs()
+        converged(primary, replica)
+    finally:
+        replica.stop()
+        primary.stop()
+
+
 def test_replica_offline_for_thousands_of_transactions_catches_up(
     cluster: list[TestNode],
 ) -> None:
